@@ -1,0 +1,116 @@
+//! Errors of the upstream path, and their one translation into a response.
+//!
+//! Layers return [`UpstreamError`]; only the edge ([`UpstreamError::into_response`])
+//! turns one into what the client sees: `502` when the upstream could not be
+//! reached or broke the exchange, `504` when a deadline passed, both with a JSON
+//! body `{"error", "detail", "attempts"}`.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::BoxError;
+use crate::body::{self, Body};
+
+/// Why no upstream response could be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection or TLS handshake failed (refused, unreachable, bad certificate).
+    #[error("could not connect to the upstream: {0}")]
+    Connect(#[source] BoxError),
+    /// The TCP connect did not finish in time.
+    #[error("connecting to the upstream timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The upstream closed or reset the connection before sending response headers.
+    #[error("the upstream closed the connection before sending response headers: {0}")]
+    Reset(#[source] BoxError),
+    /// No response headers arrived before the deadline.
+    #[error("no response headers from the upstream within {0:?}")]
+    Timeout(Duration),
+    /// The request body could not be read from the client.
+    #[error("the client's request body failed: {0}")]
+    RequestBody(#[source] BoxError),
+    /// Any other failure of the exchange.
+    #[error("the upstream exchange failed: {0}")]
+    Other(#[source] BoxError),
+    /// Several attempts were made; this is the last one's error.
+    #[error("{last} (after {attempts} attempts)")]
+    Exhausted {
+        /// The error of the last attempt.
+        last: Box<UpstreamError>,
+        /// How many attempts were sent.
+        attempts: u32,
+    },
+}
+
+impl UpstreamError {
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::ConnectTimeout(_) => "connect_timeout",
+            Self::Reset(_) => "reset",
+            Self::Timeout(_) => "timeout",
+            Self::RequestBody(_) => "request_body",
+            Self::Other(_) => "other",
+            Self::Exhausted { last, .. } => last.kind(),
+        }
+    }
+
+    /// The error of the last attempt, looking through [`UpstreamError::Exhausted`].
+    pub fn last(&self) -> &UpstreamError {
+        match self {
+            Self::Exhausted { last, .. } => last.last(),
+            other => other,
+        }
+    }
+
+    /// How many attempts went upstream (1 unless retried).
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Self::Exhausted { attempts, .. } => *attempts,
+            _ => 1,
+        }
+    }
+
+    /// The status the client gets: `504` for deadlines, `400` for a broken
+    /// request body, `502` otherwise.
+    pub fn status(&self) -> StatusCode {
+        match self.last() {
+            Self::ConnectTimeout(_) | Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The JSON error response the client gets.
+    pub fn into_response(&self) -> Response<Body> {
+        let status = self.status();
+        let error = match status {
+            StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
+            StatusCode::BAD_REQUEST => "bad_request_body",
+            _ => "upstream_unavailable",
+        };
+        json_error(status, error, &self.to_string(), Some(self.attempts()))
+    }
+}
+
+/// A JSON error answer `{"error": .., "detail": .., "attempts": ..}` made by the proxy itself.
+pub fn json_error(
+    status: StatusCode,
+    error: &str,
+    detail: &str,
+    attempts: Option<u32>,
+) -> Response<Body> {
+    let mut doc = serde_json::json!({ "error": error, "detail": detail });
+    if let (Some(n), Some(map)) = (attempts, doc.as_object_mut()) {
+        map.insert("attempts".into(), n.into());
+    }
+    let mut resp = Response::new(body::full(doc.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,14 @@
+//! Per-request policy decided when a request is classified against the route
+//! table, and read by the layers below it from the request's extensions.
+
+use std::time::Duration;
+
+/// What the route table decided for one request. A request without this
+/// extension gets the global defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestPolicy {
+    /// `Some(false)` when the matched route says `retry=off`.
+    pub retry: Option<bool>,
+    /// The route's overall deadline (`timeout=`), replacing the global one.
+    pub timeout: Option<Duration>,
+}

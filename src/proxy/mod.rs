@@ -1,0 +1,344 @@
+//! The edge of the proxy: turns a client's request into an upstream request,
+//! runs it through the layer stack, and turns the answer (or the error) into
+//! the client's response.
+//!
+//! What happens here and nowhere else: refusing requests for other hosts
+//! (idemproxy is never an open proxy), `x-request-id`, hop-by-hop headers,
+//! `Host` and `X-Forwarded-*`, tunnelling upgrades, error responses, and the
+//! per-request metrics. Everything that decides *how* a request reaches the
+//! upstream (retries, idempotency keys, 409 verification) is a tower layer in
+//! the [`Stack`] that this edge calls.
+
+pub mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+use tracing::{debug, info, warn};
+
+use crate::BoxError;
+use crate::body::{self, Body};
+use crate::config::Upstream;
+use crate::error::{UpstreamError, json_error};
+use crate::metrics::{ErrorKind, ProxyMetrics};
+use crate::request_id::ensure_request_id;
+
+/// The layered upstream service the edge calls: any tower stack ending in
+/// [`crate::upstream::UpstreamService`], type-erased so layers can be added
+/// without changing the edge.
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, UpstreamError>;
+
+/// Options of the edge.
+#[derive(Clone, Debug)]
+pub struct EdgeOptions {
+    /// Keep the client's `Host` header.
+    pub preserve_host: bool,
+    /// Add `X-Forwarded-For/Proto/Host`.
+    pub forwarded_headers: bool,
+}
+
+/// The client-facing service. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    stack: Stack,
+    upstream: Upstream,
+    host: HeaderValue,
+    options: EdgeOptions,
+    metrics: ProxyMetrics,
+}
+
+impl Proxy {
+    /// Creates the edge in front of `stack`, which sends to `upstream`.
+    pub fn new(
+        stack: Stack,
+        upstream: Upstream,
+        options: EdgeOptions,
+        metrics: ProxyMetrics,
+    ) -> Self {
+        let host = HeaderValue::from_str(upstream.authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        Self {
+            shared: Arc::new(Shared {
+                stack,
+                upstream,
+                host,
+                options,
+                metrics,
+            }),
+        }
+    }
+
+    /// The metrics this edge records.
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.shared.metrics
+    }
+
+    /// Serves one client request; never fails (errors become responses).
+    ///
+    /// The future is boxed on purpose: it erases the layer stack's types, whose
+    /// higher-ranked lifetimes otherwise stop the connection task from being `Send`.
+    pub fn serve(
+        &self,
+        req: Request<Incoming>,
+    ) -> BoxFuture<'static, Result<Response<ResponseBody>, Infallible>> {
+        let this = self.clone();
+        Box::pin(async move { this.serve_inner(req).await })
+    }
+
+    async fn serve_inner(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let shared = &self.shared;
+        let started = tokio::time::Instant::now();
+        let guard = InFlight::new(&shared.metrics);
+        let (mut parts, incoming) = req.into_parts();
+        let request_id = ensure_request_id(&mut parts.headers);
+
+        let resp = match self.prepare(&mut parts) {
+            Err(refusal) => refusal.into_response(&shared.upstream),
+            Ok(client_upgrade) => {
+                let method = parts.method.clone();
+                let version = parts.version;
+                let req = Request::from_parts(parts, body::boxed(incoming));
+                let mut stack = shared.stack.clone();
+                let result = match stack.ready().await {
+                    Ok(svc) => svc.call(req).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(mut resp) => {
+                        // Answer in the client's protocol, whatever the upstream spoke.
+                        *resp.version_mut() = version;
+                        finish_response(resp, client_upgrade)
+                    }
+                    Err(err) => {
+                        shared
+                            .metrics
+                            .upstream_errors
+                            .get_or_create(&ErrorKind { kind: err.kind() })
+                            .inc();
+                        warn!(
+                            request_id = ?request_id,
+                            %method,
+                            upstream = %shared.upstream,
+                            kind = err.kind(),
+                            attempts = err.attempts(),
+                            error = %err,
+                            "upstream request failed"
+                        );
+                        err.into_response()
+                    }
+                }
+            }
+        };
+        let mut resp = resp;
+        if !resp
+            .headers()
+            .contains_key(&crate::request_id::X_REQUEST_ID)
+        {
+            resp.headers_mut()
+                .insert(crate::request_id::X_REQUEST_ID.clone(), request_id.clone());
+        }
+        shared.metrics.count_status(resp.status());
+        shared
+            .metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        debug!(request_id = ?request_id, status = resp.status().as_u16(), "answered");
+        Ok(resp.map(|b| ResponseBody {
+            inner: b,
+            _guard: guard,
+        }))
+    }
+
+    /// Checks the target and rewrites the request head for the upstream.
+    /// Returns the client's pending upgrade for a tunnelled request, or a
+    /// refusal to send back.
+    fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<Option<hyper::upgrade::OnUpgrade>, Refusal> {
+        let shared = &self.shared;
+        if parts.method == Method::CONNECT {
+            return Err(Refusal::Connect);
+        }
+        // HTTP/1 absolute-form (a client using HTTP_PROXY): only for our upstream.
+        // An HTTP/2 request always carries :authority, which plays the role of Host.
+        if parts.version != Version::HTTP_2
+            && parts
+                .uri
+                .authority()
+                .is_some_and(|a| !shared.upstream.is_same_authority(a))
+        {
+            return Err(Refusal::ForeignTarget);
+        }
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+
+        let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        // hyper answers `Expect: 100-continue` itself when the body is first read,
+        // which happens as the body streams upstream.
+        if parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            parts.headers.remove(header::EXPECT);
+        }
+        if shared.options.preserve_host {
+            if let Some(host) = &original_host {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+        } else {
+            parts.headers.insert(header::HOST, shared.host.clone());
+        }
+        if shared.options.forwarded_headers {
+            // The remote address is set by the server as an extension.
+            if let Some(remote) = parts.extensions.get::<RemoteAddr>() {
+                headers::add_forwarded(&mut parts.headers, remote.0.ip(), original_host);
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+        Ok(if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        })
+    }
+}
+
+/// Why a request is refused before it goes anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `CONNECT`: no raw tunnels.
+    Connect,
+    /// Absolute-form request for another host: never an open proxy.
+    ForeignTarget,
+}
+
+impl Refusal {
+    fn into_response(self, upstream: &Upstream) -> Response<Body> {
+        match self {
+            Self::Connect => json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect_not_supported",
+                "idemproxy is a reverse proxy for one upstream; it does not open tunnels with CONNECT",
+                None,
+            ),
+            Self::ForeignTarget => json_error(
+                StatusCode::FORBIDDEN,
+                "foreign_target",
+                &format!("idemproxy forwards only to {upstream}; it is not an open proxy"),
+                None,
+            ),
+        }
+    }
+}
+
+/// The client's address, set on every request by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub SocketAddr);
+
+fn finish_response(
+    mut resp: Response<Body>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    match (switching, client_upgrade) {
+        (true, Some(client)) => {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client, upstream));
+            headers::strip_hop_by_hop(resp.headers_mut(), true);
+        }
+        _ => headers::strip_hop_by_hop(resp.headers_mut(), false),
+    }
+    resp
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+                Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+            }
+        }
+        Err(e) => info!(error = %e, "protocol upgrade failed"),
+    }
+}
+
+/// Counts a request as in flight until its response body is finished or dropped.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn new(metrics: &ProxyMetrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body sent to the client: the upstream's body, streamed as it comes.
+    pub struct ResponseBody {
+        #[pin]
+        inner: Body,
+        _guard: InFlight,
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,231 @@
+//! The upstream client: pooled keep-alive connections, TLS through rustls with
+//! HTTP/2 by ALPN, and errors classified for retries and for the client.
+//!
+//! [`UpstreamService`] is the innermost tower service. It accepts requests whose
+//! URI is only a path and query (the edge, heartbeats and verification all
+//! build such requests) and sends them to the one configured upstream.
+
+use std::error::Error as StdError;
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, Version};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::body::{self, Body};
+use crate::config::{Config, TlsConfig, Upstream};
+use crate::error::UpstreamError;
+
+/// Why the upstream client could not be built (bad TLS material).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("cannot read {what} from {path}: {detail}")]
+    Pem {
+        /// Which file this was.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// rustls refused the configuration (e.g. key does not match certificate).
+    #[error("TLS configuration rejected: {0}")]
+    Tls(#[from] rustls::Error),
+    /// No trusted roots at all.
+    #[error(
+        "no trusted CA certificates: the system has none and IDEMPROXY_UPSTREAM_CA_FILE is not set"
+    )]
+    NoRoots,
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The innermost service: sends a request to the upstream over the shared pool.
+#[derive(Clone)]
+pub struct UpstreamService {
+    client: HttpsClient,
+    upstream: Arc<Upstream>,
+    connect_timeout: Duration,
+}
+
+impl UpstreamService {
+    /// Builds the pooled client from the configuration.
+    pub fn new(config: &Config) -> Result<Self, ClientBuildError> {
+        let tls = tls_config(&config.tls)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.upstream_idle_timeout)
+            .pool_max_idle_per_host(config.upstream_max_idle)
+            // A request that failed on a reused connection before any byte was
+            // written is sent again on a fresh one (hyper-util's default, kept explicit).
+            .retry_canceled_requests(true)
+            .build(connector);
+        Ok(Self {
+            client,
+            upstream: Arc::new(config.upstream.clone()),
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    /// The upstream this service sends to.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn absolute_uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(pq.map_or("/", |pq| pq.as_str()))
+            .build()
+    }
+}
+
+impl tower_service::Service<Request<Body>> for UpstreamService {
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let uri = self.absolute_uri(req.uri().path_and_query());
+        let client = self.client.clone();
+        let connect_timeout = self.connect_timeout;
+        Box::pin(async move {
+            *req.uri_mut() = uri.map_err(|e| UpstreamError::Other(e.into()))?;
+            // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); a client's
+            // h2c request must not force HTTP/2 onto an HTTP/1.1 upstream.
+            *req.version_mut() = Version::HTTP_11;
+            match client.request(req).await {
+                Ok(resp) => Ok(resp.map(body::boxed)),
+                Err(e) => Err(classify(e, connect_timeout)),
+            }
+        })
+    }
+}
+
+/// Maps a client error to what happened, for retries, metrics and the client.
+fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -> UpstreamError {
+    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    let mut timed_out = false;
+    let mut reset = false;
+    let mut user = false;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::TimedOut => timed_out = true,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof => reset = true,
+                _ => {}
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                reset = true;
+            }
+            if h.is_user() {
+                user = true;
+            }
+        }
+        source = e.source();
+    }
+    if err.is_connect() {
+        if timed_out {
+            UpstreamError::ConnectTimeout(connect_timeout)
+        } else {
+            UpstreamError::Connect(err.into())
+        }
+    } else if user {
+        UpstreamError::RequestBody(err.into())
+    } else if reset {
+        UpstreamError::Reset(err.into())
+    } else {
+        UpstreamError::Other(err.into())
+    }
+}
+
+fn tls_config(tls: &TlsConfig) -> Result<ClientConfig, ClientBuildError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if !tls.ca_only {
+        // Unreadable individual system certificates are skipped, as every TLS client does.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+    }
+    if let Some(path) = &tls.ca_file {
+        for cert in read_certs(path, "CA certificates")? {
+            roots
+                .add(cert)
+                .map_err(|e| pem_error("CA certificates", path, e))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(ClientBuildError::NoRoots);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match &tls.client_cert {
+        Some((cert, key)) => {
+            let chain = read_certs(cert, "client certificate")?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("client key", key, e))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+fn read_certs(
+    path: &std::path::Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ClientBuildError> {
+    let file = File::open(path).map_err(|e| pem_error(what, path, e))?;
+    let certs = CertificateDer::pem_reader_iter(BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(what, path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+fn pem_error(
+    what: &'static str,
+    path: &std::path::Path,
+    detail: impl std::fmt::Display,
+) -> ClientBuildError {
+    ClientBuildError::Pem {
+        what,
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
