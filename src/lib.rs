@@ -38,3 +38,5 @@ pub mod server;
 pub mod telemetry;
 pub mod units;
 pub mod upstream;
+pub mod buffered;
+pub mod idempotency;

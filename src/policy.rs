@@ -11,4 +11,11 @@ pub struct RequestPolicy {
     pub retry: Option<bool>,
     /// The route's overall deadline (`timeout=`), replacing the global one.
     pub timeout: Option<Duration>,
+    /// `Some(true)`/`Some(false)` when the route says `idempotency-key=on|off`.
+    pub idempotency_key: Option<bool>,
 }
+
+/// The session a request belongs to, when a session source found one.
+/// Layers read it from the request's extensions (fingerprint keys, heartbeats).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionId(pub std::sync::Arc<str>);
