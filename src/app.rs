@@ -3,22 +3,26 @@
 //! decides the order of the layers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tower::Service;
+use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use tracing::info;
 
 use crate::admin::{Admin, Readiness};
+use crate::classify::{ClassifyConfig, ClassifyLayer};
 use crate::config::Config;
-use crate::error::UpstreamError;
+use crate::idempotency::IdempotencyKeyLayer;
 use crate::metrics::ProxyMetrics;
 use crate::proxy::{EdgeOptions, Proxy, Stack};
+use crate::retry::{RetryLayer, RetryMetrics};
 use crate::server::{self, ServerLimits};
 use crate::upstream::{ClientBuildError, UpstreamService};
+use crate::verify::{VerifyConfig, VerifyLayer, VerifyMetrics};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,19 +60,43 @@ impl Running {
 /// Builds the stack between the edge and the upstream client.
 ///
 /// Layers, outermost first (the first sees the request first):
-/// 1. deadline: the whole exchange until response headers is bounded by
-///    `IDEMPROXY_REQUEST_TIMEOUT` (504 past it).
-pub fn build_stack(config: &Config, upstream: UpstreamService, _registry: &mut Registry) -> Stack {
-    let timeout = config.request_timeout;
-    BoxCloneSyncService::new(tower::service_fn(move |req| {
-        let mut upstream = upstream.clone();
-        async move {
-            match tokio::time::timeout(timeout, upstream.call(req)).await {
-                Ok(result) => result,
-                Err(_) => Err(UpstreamError::Timeout(timeout)),
-            }
-        }
-    }))
+/// 1. classify: matches the route table, reads the body ahead when a later
+///    step needs it, and puts the route's decisions in the request's
+///    extensions: every layer below reads them;
+/// 2. verify: outside the retry layer, so the 409 it verifies is the final
+///    answer of the retried request, and its own verification read is retried
+///    too (bounded by the same deadline);
+/// 3. idempotency key: attached before the retry layer, so every attempt of
+///    one request carries the same key;
+/// 4. retry: replays the body on 5xx, resets, refused connections and
+///    timeouts, under the budget, and bounds the whole exchange by the deadline
+///    (`IDEMPROXY_REQUEST_TIMEOUT` or the route's `timeout=`);
+/// 5. the pooled upstream client.
+pub fn build_stack(config: &Config, upstream: UpstreamService, registry: &mut Registry) -> Stack {
+    let retry = RetryLayer::new(config.retry.clone(), RetryMetrics::new(registry));
+    let classify = ClassifyLayer::new(ClassifyConfig {
+        table: config.routes.clone(),
+        session_sources: Arc::new(config.session_sources.clone()),
+        keys: Some(config.keys.clone()),
+        max_body: config.retry.max_replay_body,
+        body_for_client_keys: false,
+    });
+    let verify = VerifyLayer::new(
+        VerifyConfig {
+            upstream: config.upstream.clone(),
+            request_timeout: config.request_timeout,
+            max_body: config.retry.max_replay_body.max(64 * 1024),
+            key_header: config.keys.header.clone(),
+        },
+        VerifyMetrics::new(registry),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(classify)
+        .layer(verify)
+        .layer(IdempotencyKeyLayer::new(config.keys.clone()))
+        .layer(retry)
+        .service(upstream);
+    BoxCloneSyncService::new(stack)
 }
 
 /// Binds the listeners and starts serving.

@@ -64,7 +64,10 @@ impl BufferedBody {
 ///
 /// Returns the body to send on (byte-identical to the original) and, when the
 /// whole body fitted under the cap and had no trailers, its bytes.
-pub async fn read_ahead(mut body: Body, cap: usize) -> Result<(Body, Option<BufferedBody>), BoxError> {
+pub async fn read_ahead(
+    mut body: Body,
+    cap: usize,
+) -> Result<(Body, Option<BufferedBody>), BoxError> {
     if body.is_end_stream() {
         return Ok((body, Some(BufferedBody::new(Bytes::new()))));
     }
@@ -113,7 +116,10 @@ impl http_body::Body for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -146,8 +152,10 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn chunks(parts: &[&'static str]) -> Body {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
-            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
         body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
     }
 
@@ -155,13 +163,21 @@ mod tests {
     async fn a_small_body_is_buffered_whole() {
         let (body, buffered) = read_ahead(chunks(&["{\"a\":", "1}"]), 64).await.unwrap();
         assert_eq!(buffered.unwrap().bytes().as_ref(), b"{\"a\":1}");
-        assert_eq!(body.collect().await.unwrap().to_bytes().as_ref(), b"{\"a\":1}");
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes().as_ref(),
+            b"{\"a\":1}"
+        );
     }
 
     #[tokio::test]
     async fn a_body_over_the_cap_passes_unchanged_and_unbuffered() {
-        let (body, buffered) = read_ahead(chunks(&["aaaa", "bbbb", "cccc"]), 6).await.unwrap();
+        let (body, buffered) = read_ahead(chunks(&["aaaa", "bbbb", "cccc"]), 6)
+            .await
+            .unwrap();
         assert!(buffered.is_none());
-        assert_eq!(body.collect().await.unwrap().to_bytes().as_ref(), b"aaaabbbbcccc");
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes().as_ref(),
+            b"aaaabbbbcccc"
+        );
     }
 }

@@ -22,6 +22,13 @@ use clap::Parser;
 use http::Uri;
 use http::uri::{Authority, Scheme};
 
+use http::{HeaderName, Method, StatusCode};
+
+use std::sync::Arc;
+
+use crate::idempotency::{KeyConfig, KeyMode};
+use crate::retry::{RetryConfig, RetryOn};
+use crate::routes::{RouteTable, SessionSource};
 use crate::units::{self, DURATION_EXPECTED, SIZE_EXPECTED};
 
 /// Default traffic listener: loopback, because the client lives in the same pod.
@@ -181,6 +188,161 @@ pub struct Args {
     )]
     pub log_format: String,
 
+    // --- Retries -------------------------------------------------------------
+    /// Retry classes (Envoy's words): 5xx, gateway-error, reset, connect-failure, timeout, retriable-status-codes.
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_ON",
+        default_value = "5xx,reset,connect-failure,timeout",
+        value_name = "LIST"
+    )]
+    pub retry_on: String,
+
+    /// Statuses that the `5xx` class retries.
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_STATUSES",
+        default_value = "500,502,503,504",
+        value_name = "CODES"
+    )]
+    pub retry_statuses: String,
+
+    /// Extra statuses retried by the `retriable-status-codes` class (e.g. 429).
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRIABLE_STATUS_CODES",
+        default_value = "429",
+        value_name = "CODES"
+    )]
+    pub retriable_status_codes: String,
+
+    /// Attempts per request, the first included (1 turns retries off).
+    #[arg(
+        long,
+        env = "IDEMPROXY_MAX_ATTEMPTS",
+        default_value = "5",
+        value_name = "N"
+    )]
+    pub max_attempts: String,
+
+    /// Per-attempt timeout to response headers (retried as `timeout`); 0 means none.
+    #[arg(
+        long,
+        env = "IDEMPROXY_TRY_TIMEOUT",
+        default_value = "0",
+        value_name = "DURATION"
+    )]
+    pub try_timeout: String,
+
+    /// First retry's backoff ceiling; doubles per retry, with full jitter.
+    #[arg(
+        long,
+        env = "IDEMPROXY_BACKOFF_BASE",
+        default_value = "25ms",
+        value_name = "DURATION"
+    )]
+    pub backoff_base: String,
+
+    /// Largest backoff between two attempts.
+    #[arg(
+        long,
+        env = "IDEMPROXY_BACKOFF_MAX",
+        default_value = "2s",
+        value_name = "DURATION"
+    )]
+    pub backoff_max: String,
+
+    /// Retries allowed as a fraction of requests over a 10 s window.
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_BUDGET_RATIO",
+        default_value = "0.2",
+        value_name = "RATIO"
+    )]
+    pub retry_budget_ratio: String,
+
+    /// Retries always allowed per second, on top of the ratio.
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_BUDGET_MIN_PER_SEC",
+        default_value = "10",
+        value_name = "N"
+    )]
+    pub retry_budget_min_per_sec: String,
+
+    /// Only these methods are retried (comma list); empty means all (writes carry idempotency keys).
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_METHODS",
+        default_value = "",
+        value_name = "METHODS"
+    )]
+    pub retry_methods: String,
+
+    /// Request bodies up to this size are kept for replay; larger ones are not retried once sent.
+    #[arg(
+        long,
+        env = "IDEMPROXY_MAX_REPLAY_BODY",
+        default_value = "1MiB",
+        value_name = "SIZE"
+    )]
+    pub max_replay_body: String,
+
+    /// Total memory for replay copies; past it, new requests stream without retry.
+    #[arg(
+        long,
+        env = "IDEMPROXY_MAX_REPLAY_MEMORY",
+        default_value = "64MiB",
+        value_name = "SIZE"
+    )]
+    pub max_replay_memory: String,
+
+    // --- Routes and idempotency ----------------------------------------------
+    /// The route table: one `METHOD PATH-TEMPLATE [option=value ...]` per line (see README).
+    #[arg(
+        long,
+        env = "IDEMPROXY_ROUTES",
+        default_value = "",
+        value_name = "TABLE"
+    )]
+    pub routes: String,
+
+    /// Header that carries the idempotency key.
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_HEADER",
+        default_value = "Idempotency-Key",
+        value_name = "NAME"
+    )]
+    pub idempotency_header: String,
+
+    /// Methods that get an idempotency key (routes may say otherwise).
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_METHODS",
+        default_value = "POST,PATCH",
+        value_name = "METHODS"
+    )]
+    pub idempotency_methods: String,
+
+    /// How a missing key is made: random (a UUID) or fingerprint (digest of session, method, path, body).
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_KEY_MODE",
+        default_value = "random",
+        value_name = "MODE"
+    )]
+    pub idempotency_key_mode: String,
+
+    /// Session id sources tried on every request, e.g. header:Mcp-Session-Id,cookie:sid.
+    #[arg(
+        long,
+        env = "IDEMPROXY_SESSION_SOURCES",
+        default_value = "",
+        value_name = "LIST"
+    )]
+    pub session_sources: String,
+
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -272,6 +434,14 @@ pub struct Config {
     pub log: Option<String>,
     /// Log format (resolved from `auto`).
     pub log_format: LogFormat,
+    /// Retries (the deadline is `request_timeout`).
+    pub retry: RetryConfig,
+    /// Idempotency keys.
+    pub keys: KeyConfig,
+    /// The route table.
+    pub routes: Arc<RouteTable>,
+    /// Session sources tried on every request.
+    pub session_sources: Vec<SessionSource>,
 }
 
 /// One rejected option: which variable, what value, what was expected.
@@ -444,6 +614,129 @@ fn existing_file(text: &str) -> Result<PathBuf, &'static str> {
     }
 }
 
+fn parse_statuses(text: &str) -> Result<Vec<StatusCode>, &'static str> {
+    const EXPECTED: &str =
+        "a comma-separated list of HTTP status codes (100-599), e.g. 500,502,503";
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u16>()
+                .ok()
+                .filter(|n| (100..=599).contains(n))
+                .and_then(|n| StatusCode::from_u16(n).ok())
+                .ok_or(EXPECTED)
+        })
+        .collect()
+}
+
+fn parse_methods(text: &str) -> Result<Vec<Method>, &'static str> {
+    const EXPECTED: &str = "a comma-separated list of HTTP methods, e.g. POST,PATCH";
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| Method::from_bytes(t.to_ascii_uppercase().as_bytes()).map_err(|_| EXPECTED))
+        .collect()
+}
+
+fn retry_config(c: &mut Checker, args: &Args, request_timeout: Duration) -> RetryConfig {
+    let retry_on = c.parse(
+        "IDEMPROXY_RETRY_ON",
+        &args.retry_on,
+        RetryOn::empty(),
+        RetryOn::parse,
+    );
+    let statuses = c.parse(
+        "IDEMPROXY_RETRY_STATUSES",
+        &args.retry_statuses,
+        Vec::new(),
+        parse_statuses,
+    );
+    let retriable_status_codes = c.parse(
+        "IDEMPROXY_RETRIABLE_STATUS_CODES",
+        &args.retriable_status_codes,
+        Vec::new(),
+        parse_statuses,
+    );
+    let max_attempts = c.count("IDEMPROXY_MAX_ATTEMPTS", &args.max_attempts, 1);
+    let try_timeout = c.duration("IDEMPROXY_TRY_TIMEOUT", &args.try_timeout);
+    let backoff_base = c.positive_duration("IDEMPROXY_BACKOFF_BASE", &args.backoff_base);
+    let backoff_max = c.positive_duration("IDEMPROXY_BACKOFF_MAX", &args.backoff_max);
+    if backoff_max < backoff_base {
+        c.issue(
+            "IDEMPROXY_BACKOFF_MAX",
+            &args.backoff_max,
+            format!(
+                "a duration at least IDEMPROXY_BACKOFF_BASE ({})",
+                args.backoff_base
+            ),
+        );
+    }
+    let budget_ratio = c.parse(
+        "IDEMPROXY_RETRY_BUDGET_RATIO",
+        &args.retry_budget_ratio,
+        0.0,
+        |v| match v.trim().parse::<f32>() {
+            Ok(r) if (0.0..=1000.0).contains(&r) => Ok(r),
+            _ => Err("a non-negative number such as 0.2 (retries per request)"),
+        },
+    );
+    let budget_min_per_sec = c.count(
+        "IDEMPROXY_RETRY_BUDGET_MIN_PER_SEC",
+        &args.retry_budget_min_per_sec,
+        0,
+    );
+    let methods = c.parse(
+        "IDEMPROXY_RETRY_METHODS",
+        &args.retry_methods,
+        Vec::new(),
+        parse_methods,
+    );
+    let max_replay_body = c.size("IDEMPROXY_MAX_REPLAY_BODY", &args.max_replay_body, 0);
+    let max_replay_memory = c.size("IDEMPROXY_MAX_REPLAY_MEMORY", &args.max_replay_memory, 0);
+    RetryConfig {
+        retry_on,
+        statuses,
+        retriable_status_codes,
+        max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
+        request_timeout,
+        try_timeout: (!try_timeout.is_zero()).then_some(try_timeout),
+        backoff_base,
+        backoff_max,
+        budget_ratio,
+        budget_min_per_sec: u32::try_from(budget_min_per_sec).unwrap_or(u32::MAX),
+        methods: (!methods.is_empty()).then_some(methods),
+        max_replay_body,
+        max_replay_memory,
+    }
+}
+
+fn key_config(c: &mut Checker, args: &Args) -> KeyConfig {
+    let header = c.parse(
+        "IDEMPROXY_IDEMPOTENCY_HEADER",
+        &args.idempotency_header,
+        HeaderName::from_static("idempotency-key"),
+        |v| HeaderName::from_bytes(v.trim().as_bytes()).map_err(|_| "a valid HTTP header name"),
+    );
+    let methods = c.parse(
+        "IDEMPROXY_IDEMPOTENCY_METHODS",
+        &args.idempotency_methods,
+        Vec::new(),
+        parse_methods,
+    );
+    let mode = c.parse(
+        "IDEMPROXY_IDEMPOTENCY_KEY_MODE",
+        &args.idempotency_key_mode,
+        KeyMode::Random,
+        str::parse::<KeyMode>,
+    );
+    KeyConfig {
+        header,
+        methods,
+        mode,
+    }
+}
+
 impl Config {
     /// Validates every option, reporting all bad ones together.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
@@ -538,6 +831,29 @@ impl Config {
                     .map_err(|_| "a log filter such as info, warn or idemproxy=debug")
             });
         }
+        let retry = retry_config(&mut c, args, request_timeout);
+        let keys = key_config(&mut c, args);
+        let routes = match RouteTable::parse(&args.routes) {
+            Ok(table) => table,
+            Err(e) => {
+                // The route error names the line and the word; show it whole.
+                c.issue(
+                    "IDEMPROXY_ROUTES",
+                    &e.text,
+                    format!(
+                        "a valid route table; line {}: {:?}: {}",
+                        e.line, e.word, e.reason
+                    ),
+                );
+                RouteTable::default()
+            }
+        };
+        let session_sources = c.parse(
+            "IDEMPROXY_SESSION_SOURCES",
+            &args.session_sources,
+            Vec::new(),
+            SessionSource::parse_list,
+        );
         c.finish()?;
         let (Some(upstream), Some(listen), Some(admin_listen)) = (upstream, listen, admin_listen)
         else {
@@ -566,6 +882,10 @@ impl Config {
             workers,
             log: args.log.clone(),
             log_format,
+            retry,
+            keys,
+            routes: Arc::new(routes),
+            session_sources,
         })
     }
 
@@ -611,6 +931,49 @@ impl Config {
                 "LOG_FORMAT",
                 format!("{:?}", self.log_format).to_ascii_lowercase(),
             ),
+            ("RETRY_ON", self.retry.retry_on.to_string()),
+            (
+                "RETRY_STATUSES",
+                join(self.retry.statuses.iter().map(|s| s.as_u16())),
+            ),
+            (
+                "RETRIABLE_STATUS_CODES",
+                join(self.retry.retriable_status_codes.iter().map(|s| s.as_u16())),
+            ),
+            ("MAX_ATTEMPTS", self.retry.max_attempts.to_string()),
+            (
+                "TRY_TIMEOUT",
+                self.retry.try_timeout.map_or("0".into(), fmt_d),
+            ),
+            ("BACKOFF_BASE", fmt_d(self.retry.backoff_base)),
+            ("BACKOFF_MAX", fmt_d(self.retry.backoff_max)),
+            ("RETRY_BUDGET_RATIO", self.retry.budget_ratio.to_string()),
+            (
+                "RETRY_BUDGET_MIN_PER_SEC",
+                self.retry.budget_min_per_sec.to_string(),
+            ),
+            (
+                "RETRY_METHODS",
+                self.retry
+                    .methods
+                    .as_deref()
+                    .map_or(String::new(), |m| join(m.iter())),
+            ),
+            (
+                "MAX_REPLAY_BODY",
+                units::format_size(self.retry.max_replay_body as u64),
+            ),
+            (
+                "MAX_REPLAY_MEMORY",
+                units::format_size(self.retry.max_replay_memory as u64),
+            ),
+            ("IDEMPOTENCY_HEADER", self.keys.header.to_string()),
+            ("IDEMPOTENCY_METHODS", join(self.keys.methods.iter())),
+            (
+                "IDEMPOTENCY_KEY_MODE",
+                format!("{:?}", self.keys.mode).to_ascii_lowercase(),
+            ),
+            ("SESSION_SOURCES", join(self.session_sources.iter())),
         ];
         let mut out = String::new();
         for (name, value) in lines {
@@ -620,8 +983,24 @@ impl Config {
             out.push_str(&value);
             out.push('\n');
         }
+        // The route table in canonical form, one route a line, as the variable takes it.
+        out.push_str("IDEMPROXY_ROUTES=");
+        if !self.routes.is_empty() {
+            out.push('\n');
+            for route in self.routes.iter() {
+                out.push_str("  ");
+                out.push_str(&route.to_string());
+                out.push('\n');
+            }
+        } else {
+            out.push('\n');
+        }
         out
     }
+}
+
+fn join<T: fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

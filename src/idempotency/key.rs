@@ -58,7 +58,11 @@ impl Default for KeyConfig {
 impl KeyConfig {
     /// Whether this request should carry a key (route option first, then methods).
     pub fn wants_key<B>(&self, req: &Request<B>) -> bool {
-        match req.extensions().get::<RequestPolicy>().and_then(|p| p.idempotency_key) {
+        match req
+            .extensions()
+            .get::<RequestPolicy>()
+            .and_then(|p| p.idempotency_key)
+        {
             Some(on) => on,
             None => self.methods.contains(req.method()),
         }
@@ -158,7 +162,12 @@ fn fingerprint<B>(req: &Request<B>) -> Option<HeaderValue> {
     h.update(b"\n");
     h.update(req.method().as_str().as_bytes());
     h.update(b"\n");
-    h.update(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
+    h.update(
+        req.uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
     h.update(b"\n");
     h.update(body.bytes());
     let digest = h.finalize();
@@ -198,7 +207,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_key_is_kept() {
-        let req = Request::post("/x").header("idempotency-key", "client-1").body(()).unwrap();
+        let req = Request::post("/x")
+            .header("idempotency-key", "client-1")
+            .body(())
+            .unwrap();
         assert_eq!(key_of(KeyConfig::default(), req).await.unwrap(), "client-1");
     }
 
@@ -226,13 +238,20 @@ mod tests {
         };
         let req = |body: &'static str| {
             let mut r = Request::post("/v1/s/1/entries").body(()).unwrap();
-            r.extensions_mut().insert(BufferedBody::new(Bytes::from_static(body.as_bytes())));
+            r.extensions_mut()
+                .insert(BufferedBody::new(Bytes::from_static(body.as_bytes())));
             r.extensions_mut().insert(SessionId("s1".into()));
             r
         };
-        let a = key_of(config.clone(), req("{\"uuid\":\"a\"}")).await.unwrap();
-        let a2 = key_of(config.clone(), req("{\"uuid\":\"a\"}")).await.unwrap();
-        let b = key_of(config.clone(), req("{\"uuid\":\"b\"}")).await.unwrap();
+        let a = key_of(config.clone(), req("{\"uuid\":\"a\"}"))
+            .await
+            .unwrap();
+        let a2 = key_of(config.clone(), req("{\"uuid\":\"a\"}"))
+            .await
+            .unwrap();
+        let b = key_of(config.clone(), req("{\"uuid\":\"b\"}"))
+            .await
+            .unwrap();
         assert_eq!(a, a2);
         assert_ne!(a, b);
         assert!(a.to_str().unwrap().starts_with("fp-"));

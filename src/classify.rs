@@ -1,0 +1,192 @@
+//! Classification: the first step of a request's life after the edge. Matches
+//! the request against the route table, puts the route's decisions in the
+//! request's extensions for the layers below, finds the session id, and reads
+//! the body ahead when some later step must see it first.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use idemproxy::classify::{ClassifyConfig, Classified};
+//! use idemproxy::routes::RouteTable;
+//! let table = RouteTable::parse("POST /v1/sessions/{sid}/entries session=path:sid").unwrap();
+//! let config = ClassifyConfig { table: Arc::new(table), ..ClassifyConfig::default() };
+//! assert!(config.table.classify(&http::Method::POST, "/v1/sessions/s1/entries").is_some());
+//! ```
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::debug;
+
+use crate::body::Body;
+use crate::buffered::{BufferedBody, read_ahead};
+use crate::error::UpstreamError;
+use crate::idempotency::{KeyConfig, KeyMode};
+use crate::policy::SessionId;
+use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
+
+/// The matched route of a request, as a request extension.
+#[derive(Clone, Debug)]
+pub struct Classified {
+    table: Arc<RouteTable>,
+    index: usize,
+    /// The path template's captures, percent-decoded.
+    pub captures: Captures,
+}
+
+impl Classified {
+    /// The matched route.
+    pub fn route(&self) -> Option<&Route> {
+        self.table.get(self.index)
+    }
+}
+
+/// What classification needs to know.
+#[derive(Clone, Debug, Default)]
+pub struct ClassifyConfig {
+    /// `IDEMPROXY_ROUTES`.
+    pub table: Arc<RouteTable>,
+    /// `IDEMPROXY_SESSION_SOURCES`: sources tried on every request.
+    pub session_sources: Arc<Vec<SessionSource>>,
+    /// How keys are made (a fingerprint key needs the body).
+    pub keys: Option<KeyConfig>,
+    /// Bodies read ahead only up to this size (`IDEMPROXY_MAX_REPLAY_BODY`).
+    pub max_body: usize,
+    /// Whether client-keyed requests are read ahead (for the local idempotency cache).
+    pub body_for_client_keys: bool,
+}
+
+/// Adds [`Classify`] around a service.
+#[derive(Clone, Debug)]
+pub struct ClassifyLayer {
+    config: Arc<ClassifyConfig>,
+}
+
+impl ClassifyLayer {
+    /// A layer with this configuration.
+    pub fn new(config: ClassifyConfig) -> Self {
+        Self {
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl<S> Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+    fn layer(&self, inner: S) -> Classify<S> {
+        Classify {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Classifies each request; see the module docs.
+#[derive(Clone, Debug)]
+pub struct Classify<S> {
+    inner: S,
+    config: Arc<ClassifyConfig>,
+}
+
+impl<S> Service<Request<Body>> for Classify<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let config = self.config.clone();
+        // Take the service that was driven to readiness, leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let req = classify(&config, req).await?;
+            // Boxed: the inner future's higher-ranked lifetimes would otherwise
+            // keep this future from being `Send` (a compiler limitation).
+            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            fut.await
+        })
+    }
+}
+
+async fn classify(
+    config: &ClassifyConfig,
+    req: Request<Body>,
+) -> Result<Request<Body>, UpstreamError> {
+    let (mut parts, body) = req.into_parts();
+    let matched = config.table.classify(&parts.method, parts.uri.path());
+    let route = matched.as_ref().map(|m| m.route);
+    let needs_body = route.is_some_and(route_needs_body)
+        || config
+            .session_sources
+            .iter()
+            .any(SessionSource::needs_request_body)
+        || config.keys.as_ref().is_some_and(|k| {
+            let client_key = parts.headers.contains_key(&k.header);
+            (config.body_for_client_keys && client_key)
+                || (k.mode == KeyMode::Fingerprint && !client_key && key_wanted(k, &parts, route))
+        });
+    let (body, buffered) = if needs_body {
+        read_ahead(body, config.max_body)
+            .await
+            .map_err(UpstreamError::RequestBody)?
+    } else {
+        (body, None)
+    };
+    let captures = matched
+        .as_ref()
+        .map(|m| m.captures.clone())
+        .unwrap_or_default();
+    let json = buffered.as_ref().and_then(BufferedBody::json);
+    let session = route
+        .into_iter()
+        .flat_map(|r| r.session.iter())
+        .chain(config.session_sources.iter())
+        .filter(|s| !s.is_response())
+        .find_map(|s| s.from_request(&captures, &parts.headers, json));
+    if let Some(id) = session {
+        parts.extensions.insert(SessionId(id.into()));
+    }
+    if let Some(m) = &matched {
+        debug!(route = m.route.line_number, "classified");
+        parts.extensions.insert(m.route.policy());
+        parts.extensions.insert(Classified {
+            table: config.table.clone(),
+            index: m.index,
+            captures,
+        });
+    }
+    if let Some(b) = buffered {
+        parts.extensions.insert(b);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn key_wanted(keys: &KeyConfig, parts: &http::request::Parts, route: Option<&Route>) -> bool {
+    match route.and_then(|r| r.idempotency_key) {
+        Some(on) => on,
+        None => keys.methods.contains(&parts.method),
+    }
+}
+
+/// Whether a route's verification or session source reads the request body.
+fn route_needs_body(route: &Route) -> bool {
+    let verify_reads_body = route.verify.as_ref().is_some_and(|v| {
+        v.match_mode != MatchMode::Exists
+            || matches!(&v.target, VerifyTarget::Template { template, .. } if template.needs_body())
+    });
+    verify_reads_body || route.session.iter().any(SessionSource::needs_request_body)
+}

@@ -1,0 +1,432 @@
+//! Verified `409` recovery: a write that reached the backend but whose answer
+//! was lost must not turn into a client-visible error.
+//!
+//! On a route with a `verify=` rule, a `409 Conflict` triggers one
+//! verification request (built from the rule: the same URL, the 409's
+//! `Location`, or a URL template). Only when the answer *proves* the backend
+//! holds what the request wanted to store (`exists`: a 2xx; `json-subset`:
+//! every sent field stored with an equal value; `exact`: equal bytes) does the
+//! client get the recovered status (default `200`) with the stored
+//! representation and `x-idemproxy-recovered: 409`. In every other case —
+//! different document, not found, verification failed, undecidable — the
+//! original 409 goes back unchanged, byte for byte.
+//!
+//! The layer sits outside the retry layer: the 409 it sees is the final answer
+//! of the retried request, and its verification request is itself retried
+//! (bounded) and counts against the request's deadline.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::{info, warn};
+
+use crate::body::{self, Body};
+use crate::buffered::BufferedBody;
+use crate::classify::Classified;
+use crate::config::Upstream;
+use crate::error::UpstreamError;
+use crate::idempotency::IdempotencyKey;
+use crate::policy::{RequestPolicy, SessionId};
+use crate::request_id::X_REQUEST_ID;
+use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
+
+/// `x-idemproxy-recovered`, set on a recovered answer.
+pub static X_IDEMPROXY_RECOVERED: HeaderName = HeaderName::from_static("x-idemproxy-recovered");
+
+/// Request headers that describe the request's own body, or make a read
+/// conditional: never copied onto a verification request.
+const NOT_COPIED: [HeaderName; 11] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
+/// Why a 409 was passed through (label of `idemproxy_conflicts_passed_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PassReason {
+    /// The stored representation differs from what was sent: a real conflict.
+    Mismatch,
+    /// The verification request answered 404/410: nothing stored there.
+    NotFound,
+    /// The verification request failed (error, other status, deadline).
+    VerifyFailed,
+    /// No verification could be built or decided (missing placeholder value,
+    /// body not read, non-JSON body for json-subset, foreign Location, too large).
+    Undecidable,
+}
+
+impl PassReason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Mismatch => "mismatch",
+            Self::NotFound => "not_found",
+            Self::VerifyFailed => "verify_failed",
+            Self::Undecidable => "undecidable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Metrics of 409 verification.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyMetrics {
+    recovered: Counter,
+    passed: Family<ReasonLabel, Counter>,
+}
+
+impl VerifyMetrics {
+    /// Creates and registers `idemproxy_conflicts_recovered_total` and
+    /// `idemproxy_conflicts_passed_total{reason}`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "idemproxy_conflicts_recovered",
+            "409 answers turned into success after verification",
+            m.recovered.clone(),
+        );
+        registry.register(
+            "idemproxy_conflicts_passed",
+            "409 answers on verify routes passed through unchanged, by reason",
+            m.passed.clone(),
+        );
+        m
+    }
+}
+
+/// Settings of the verification.
+#[derive(Clone, Debug)]
+pub struct VerifyConfig {
+    /// The upstream (a `Location` elsewhere is never followed).
+    pub upstream: Upstream,
+    /// The global deadline, when the route sets none.
+    pub request_timeout: Duration,
+    /// Largest stored representation read for comparison.
+    pub max_body: usize,
+    /// The idempotency-key header, not copied onto the read.
+    pub key_header: HeaderName,
+}
+
+/// Adds [`Verify`] around a service.
+#[derive(Clone, Debug)]
+pub struct VerifyLayer {
+    config: Arc<VerifyConfig>,
+    metrics: VerifyMetrics,
+}
+
+impl VerifyLayer {
+    /// A layer with this configuration and metrics.
+    pub fn new(config: VerifyConfig, metrics: VerifyMetrics) -> Self {
+        Self {
+            config: Arc::new(config),
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for VerifyLayer {
+    type Service = Verify<S>;
+    fn layer(&self, inner: S) -> Verify<S> {
+        Verify {
+            inner,
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Verifies 409 answers on routes with a rule; see the module docs.
+#[derive(Clone, Debug)]
+pub struct Verify<S> {
+    inner: S,
+    config: Arc<VerifyConfig>,
+    metrics: VerifyMetrics,
+}
+
+/// What is kept of the original request to verify its 409.
+struct Original {
+    rule: VerifyRule,
+    classified: Classified,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Option<BufferedBody>,
+    session: Option<SessionId>,
+    key: Option<IdempotencyKey>,
+    deadline: Instant,
+}
+
+impl<S> Service<Request<Body>> for Verify<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(original) = self.keep(&req) else {
+            return Box::pin(inner.call(req));
+        };
+        let config = self.config.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            let resp = fut.await?;
+            if resp.status() != StatusCode::CONFLICT {
+                return Ok(resp);
+            }
+            let location = resp.headers().get(header::LOCATION).cloned();
+            match verify(&config, inner, &original, location).await {
+                Ok(recovered) => {
+                    metrics.recovered.inc();
+                    info!(
+                        request_id = ?original.headers.get(&X_REQUEST_ID),
+                        route = original.classified.route().map_or(0, |r| r.line_number),
+                        key = ?original.key.as_ref().map(|k| &k.value),
+                        "recovered from 409 conflict"
+                    );
+                    Ok(recovered)
+                }
+                Err(reason) => {
+                    metrics
+                        .passed
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.label(),
+                        })
+                        .inc();
+                    info!(
+                        request_id = ?original.headers.get(&X_REQUEST_ID),
+                        route = original.classified.route().map_or(0, |r| r.line_number),
+                        reason = reason.label(),
+                        "409 conflict passed through"
+                    );
+                    Ok(resp)
+                }
+            }
+        })
+    }
+}
+
+impl<S> Verify<S> {
+    fn keep(&self, req: &Request<Body>) -> Option<Original> {
+        let classified = req.extensions().get::<Classified>()?;
+        let rule = classified.route()?.verify.clone()?;
+        let timeout = req
+            .extensions()
+            .get::<RequestPolicy>()
+            .and_then(|p| p.timeout)
+            .unwrap_or(self.config.request_timeout);
+        Some(Original {
+            rule,
+            classified: classified.clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+            body: req.extensions().get::<BufferedBody>().cloned(),
+            session: req.extensions().get::<SessionId>().cloned(),
+            key: req.extensions().get::<IdempotencyKey>().cloned(),
+            deadline: Instant::now() + timeout,
+        })
+    }
+}
+
+async fn verify<S>(
+    config: &VerifyConfig,
+    mut inner: S,
+    original: &Original,
+    location: Option<HeaderValue>,
+) -> Result<Response<Body>, PassReason>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>,
+    S::Future: Send + 'static,
+{
+    let (method, target) = target(config, original, location.as_ref())?;
+    // What the stored representation is compared with.
+    let sent = match original.rule.match_mode {
+        MatchMode::Exists => None,
+        MatchMode::JsonSubset | MatchMode::Exact => {
+            Some(original.body.as_ref().ok_or(PassReason::Undecidable)?)
+        }
+    };
+    if original.rule.match_mode == MatchMode::JsonSubset
+        && sent.and_then(BufferedBody::json).is_none()
+    {
+        warn!(
+            route = original.classified.route().map_or(0, |r| r.line_number),
+            "match=json-subset needs a JSON request body; the 409 is passed through"
+        );
+        return Err(PassReason::Undecidable);
+    }
+    let remaining = original
+        .deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(PassReason::VerifyFailed)?;
+
+    let mut req = Request::new(body::empty());
+    *req.method_mut() = method;
+    *req.uri_mut() = target;
+    let headers = req.headers_mut();
+    for (name, value) in &original.headers {
+        if !NOT_COPIED.contains(name) && *name != config.key_header {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    req.extensions_mut().insert(RequestPolicy {
+        timeout: Some(remaining),
+        ..Default::default()
+    });
+    // Boxed for the same compiler limitation as in the classify layer.
+    let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+    let resp = match tokio::time::timeout(remaining, fut).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            warn!(error = %e, "409 verification request failed");
+            return Err(PassReason::VerifyFailed);
+        }
+        Err(_) => return Err(PassReason::VerifyFailed),
+    };
+    match resp.status() {
+        s if s.is_success() => {}
+        StatusCode::NOT_FOUND | StatusCode::GONE => return Err(PassReason::NotFound),
+        _ => return Err(PassReason::VerifyFailed),
+    }
+    let (mut parts, stored) = resp.into_parts();
+    let body = match sent {
+        // `exists`: the 2xx is the proof; the stored representation streams through.
+        None => stored,
+        Some(sent) => {
+            if stored.size_hint().lower() > config.max_body as u64 {
+                return Err(PassReason::Undecidable);
+            }
+            let bytes = read_capped(stored, config.max_body)
+                .await
+                .ok_or(PassReason::Undecidable)?;
+            let same = match original.rule.match_mode {
+                MatchMode::Exact => bytes == *sent.bytes(),
+                _ => {
+                    let stored_doc: serde_json::Value =
+                        serde_json::from_slice(&bytes).map_err(|_| PassReason::Mismatch)?;
+                    sent.json().is_some_and(|doc| json_subset(doc, &stored_doc))
+                }
+            };
+            if !same {
+                return Err(PassReason::Mismatch);
+            }
+            body::full(bytes)
+        }
+    };
+    parts.status = original.rule.recovered_status;
+    let body = if matches!(
+        parts.status,
+        StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT
+    ) {
+        // These statuses carry no body.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        body::empty()
+    } else {
+        body
+    };
+    parts.headers.insert(
+        X_IDEMPROXY_RECOVERED.clone(),
+        HeaderValue::from_static("409"),
+    );
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Reads a whole body of at most `max` bytes; `None` if larger or broken.
+async fn read_capped(mut body: Body, max: usize) -> Option<Bytes> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > max {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(buf.freeze())
+}
+
+/// The verification request's method and URI (path and query only).
+fn target(
+    config: &VerifyConfig,
+    original: &Original,
+    location: Option<&HeaderValue>,
+) -> Result<(Method, Uri), PassReason> {
+    let route = original.classified.route().map_or(0, |r| r.line_number);
+    match &original.rule.target {
+        VerifyTarget::Same => {
+            let pq = original.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let uri = Uri::try_from(pq).map_err(|_| PassReason::Undecidable)?;
+            Ok((Method::GET, uri))
+        }
+        VerifyTarget::Location => {
+            let location = location
+                .and_then(|v| v.to_str().ok())
+                .ok_or(PassReason::Undecidable)?;
+            let uri: Uri = location.parse().map_err(|_| PassReason::Undecidable)?;
+            if let Some(authority) = uri.authority() {
+                if !config.upstream.is_same_authority(authority) {
+                    warn!(
+                        route,
+                        "the 409's Location points to another host; not followed"
+                    );
+                    return Err(PassReason::Undecidable);
+                }
+            }
+            let pq = uri.path_and_query().ok_or(PassReason::Undecidable)?;
+            if !pq.as_str().starts_with('/') {
+                return Err(PassReason::Undecidable);
+            }
+            let uri = Uri::try_from(pq.as_str()).map_err(|_| PassReason::Undecidable)?;
+            Ok((Method::GET, uri))
+        }
+        VerifyTarget::Template { method, template } => {
+            let ctx = RenderContext::new(&original.classified.captures, &original.headers)
+                .with_body(original.body.as_ref().and_then(BufferedBody::json))
+                .with_query(original.uri.query())
+                .with_session(original.session.as_ref().map(|s| &*s.0));
+            let path = template.render(&ctx).map_err(|e| {
+                warn!(route, error = %e, "cannot build the verification request; the 409 is passed through");
+                PassReason::Undecidable
+            })?;
+            let uri = Uri::try_from(path).map_err(|_| PassReason::Undecidable)?;
+            Ok((method.clone(), uri))
+        }
+    }
+}
