@@ -1,5 +1,7 @@
 //! The admin listener, separate from traffic: `/healthz` (the process is
-//! alive), `/readyz` (listening and not draining), `/metrics` (Prometheus text).
+//! alive), `/readyz` (listening and not draining), `/metrics` (Prometheus
+//! text), `/sessions` (tracked sessions, ids shown only as digests) and
+//! `DELETE /sessions/{digest}` (stop one).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::body::{self, Body};
+use crate::sessions::SessionTracker;
 
 /// Shared readiness flag: true while listening and not draining.
 #[derive(Clone, Debug, Default)]
@@ -37,14 +40,16 @@ impl Readiness {
 pub struct Admin {
     registry: Arc<Registry>,
     readiness: Readiness,
+    sessions: Option<SessionTracker>,
 }
 
 impl Admin {
     /// Creates the admin endpoints over a finished registry.
-    pub fn new(registry: Registry, readiness: Readiness) -> Self {
+    pub fn new(registry: Registry, readiness: Readiness, sessions: Option<SessionTracker>) -> Self {
         Self {
             registry: Arc::new(registry),
             readiness,
+            sessions,
         }
     }
 
@@ -55,6 +60,15 @@ impl Admin {
             *r.status_mut() = status;
             r
         };
+        if req.method() == Method::DELETE {
+            // DELETE /sessions/{digest}: stop tracking one session.
+            let digest = req.uri().path().strip_prefix("/sessions/");
+            return match (digest, &self.sessions) {
+                (Some(d), Some(t)) if t.remove_by_digest(d) => text(StatusCode::NO_CONTENT, ""),
+                (Some(_), _) => text(StatusCode::NOT_FOUND, "no such session\n"),
+                (None, _) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            };
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
@@ -79,9 +93,23 @@ impl Admin {
                 );
                 r
             }
+            "/sessions" => {
+                let views = self
+                    .sessions
+                    .as_ref()
+                    .map(SessionTracker::snapshot)
+                    .unwrap_or_default();
+                let doc = serde_json::json!({ "sessions": views });
+                let mut r = Response::new(body::full(doc.to_string()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n",
+                "not found: try /healthz, /readyz, /metrics or /sessions\n",
             ),
         }
     }

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{Admin, Readiness};
 use crate::classify::{ClassifyConfig, ClassifyLayer};
@@ -21,6 +21,7 @@ use crate::metrics::ProxyMetrics;
 use crate::proxy::{EdgeOptions, Proxy, Stack};
 use crate::retry::{RetryLayer, RetryMetrics};
 use crate::server::{self, ServerLimits};
+use crate::sessions::{SessionLayer, SessionMetrics, SessionTracker};
 use crate::upstream::{ClientBuildError, UpstreamService};
 use crate::verify::{VerifyConfig, VerifyLayer, VerifyMetrics};
 
@@ -63,16 +64,24 @@ impl Running {
 /// 1. classify: matches the route table, reads the body ahead when a later
 ///    step needs it, and puts the route's decisions in the request's
 ///    extensions: every layer below reads them;
-/// 2. verify: outside the retry layer, so the 409 it verifies is the final
+/// 2. sessions (when any session source is configured): outside verification,
+///    so a recovered 409 counts as the success it is for the client; registers
+///    sessions on 2xx only and keeps them active while a response streams;
+/// 3. idempotency key: attached before the retry layer, so every attempt of
+///    one request carries the same key (and the verifier can log it);
+/// 4. verify: outside the retry layer, so the 409 it verifies is the final
 ///    answer of the retried request, and its own verification read is retried
 ///    too (bounded by the same deadline);
-/// 3. idempotency key: attached before the retry layer, so every attempt of
-///    one request carries the same key;
-/// 4. retry: replays the body on 5xx, resets, refused connections and
+/// 5. retry: replays the body on 5xx, resets, refused connections and
 ///    timeouts, under the budget, and bounds the whole exchange by the deadline
 ///    (`IDEMPROXY_REQUEST_TIMEOUT` or the route's `timeout=`);
-/// 5. the pooled upstream client.
-pub fn build_stack(config: &Config, upstream: UpstreamService, registry: &mut Registry) -> Stack {
+/// 6. the pooled upstream client.
+pub fn build_stack(
+    config: &Config,
+    upstream: UpstreamService,
+    sessions: Option<&SessionTracker>,
+    registry: &mut Registry,
+) -> Stack {
     let retry = RetryLayer::new(config.retry.clone(), RetryMetrics::new(registry));
     let classify = ClassifyLayer::new(ClassifyConfig {
         table: config.routes.clone(),
@@ -90,13 +99,20 @@ pub fn build_stack(config: &Config, upstream: UpstreamService, registry: &mut Re
         },
         VerifyMetrics::new(registry),
     );
+    let sessions = sessions.map(|t| SessionLayer::new(t.clone(), config.session_layer.clone()));
     let stack = ServiceBuilder::new()
         .layer(classify)
-        .layer(verify)
+        .option_layer(sessions)
         .layer(IdempotencyKeyLayer::new(config.keys.clone()))
+        .layer(verify)
         .layer(retry)
         .service(upstream);
     BoxCloneSyncService::new(stack)
+}
+
+/// Whether any session source is configured (globally or on a route).
+fn sessions_enabled(config: &Config) -> bool {
+    !config.session_sources.is_empty() || config.routes.iter().any(|r| !r.session.is_empty())
 }
 
 /// Binds the listeners and starts serving.
@@ -104,7 +120,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
     let upstream = UpstreamService::new(&config)?;
-    let stack = build_stack(&config, upstream, &mut registry);
+    let tracker = sessions_enabled(&config).then(|| {
+        let metrics = SessionMetrics::new(&mut registry);
+        SessionTracker::new(config.sessions.clone(), metrics)
+    });
+    if tracker.is_some() {
+        let per_sec_needed =
+            config.sessions.max_sessions as f64 / config.sessions.interval.as_secs_f64();
+        if per_sec_needed > f64::from(config.sessions.max_per_sec) {
+            warn!(
+                max_sessions = config.sessions.max_sessions,
+                interval = ?config.sessions.interval,
+                max_per_sec = config.sessions.max_per_sec,
+                "IDEMPROXY_HEARTBEAT_MAX_PER_SEC is below IDEMPROXY_MAX_SESSIONS / IDEMPROXY_HEARTBEAT_INTERVAL: with that many sessions, heartbeats fall behind the interval"
+            );
+        }
+    }
+    let stack = build_stack(&config, upstream.clone(), tracker.as_ref(), &mut registry);
     let proxy = Proxy::new(
         stack,
         config.upstream.clone(),
@@ -119,7 +151,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let readiness = Readiness::default();
-    let admin = Admin::new(registry, readiness.clone());
+    let admin = Admin::new(registry, readiness.clone(), tracker.clone());
     let shutdown = CancellationToken::new();
     let limits = ServerLimits {
         max_header_size: config.max_header_size,
@@ -133,6 +165,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let admin_stop = CancellationToken::new();
         let admin_task =
             tokio::spawn(admin.serve(admin_listener, admin_stop.clone().cancelled_owned()));
+        // One scheduler for every session's heartbeats, through the same pooled client.
+        let heartbeat_stop = CancellationToken::new();
+        let scheduler = tracker
+            .as_ref()
+            .map(|t| t.spawn_scheduler(upstream, heartbeat_stop.clone().cancelled_owned()));
         readiness.set(true);
         let ready = readiness.clone();
         let stop = async move {
@@ -141,6 +178,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             info!("shutdown requested: readiness off, no new connections");
         };
         server::serve(listener, proxy, limits, stop).await;
+        heartbeat_stop.cancel();
+        if let Some(scheduler) = scheduler {
+            let _ = tokio::time::timeout(Duration::from_secs(1), scheduler).await;
+        }
         admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
         info!("idemproxy stopped");

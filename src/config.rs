@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use crate::idempotency::{KeyConfig, KeyMode};
 use crate::retry::{RetryConfig, RetryOn};
-use crate::routes::{RouteTable, SessionSource};
+use crate::routes::{FieldPath, HeartbeatTemplate, RouteTable, SessionSource, Template};
+use crate::sessions::{SessionConfig, SessionLayerConfig};
 use crate::units::{self, DURATION_EXPECTED, SIZE_EXPECTED};
 
 /// Default traffic listener: loopback, because the client lives in the same pod.
@@ -334,6 +335,106 @@ pub struct Args {
     )]
     pub idempotency_key_mode: String,
 
+    // --- Sessions and heartbeats ---------------------------------------------
+    /// Heartbeat request `METHOD TEMPLATE`, e.g. `POST /v1/sessions/{session}/heartbeat`; empty: no heartbeats.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT",
+        default_value = "",
+        value_name = "REQUEST"
+    )]
+    pub heartbeat: String,
+
+    /// JSON body template of a heartbeat, e.g. {"ID":"{session}"}.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_BODY",
+        default_value = "",
+        value_name = "TEMPLATE"
+    )]
+    pub heartbeat_body: String,
+
+    /// Time from a session's last activity to its next heartbeat (±10% jitter).
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_INTERVAL",
+        default_value = "30s",
+        value_name = "DURATION"
+    )]
+    pub heartbeat_interval: String,
+
+    /// Heartbeats stop after this long without client traffic.
+    #[arg(
+        long,
+        env = "IDEMPROXY_SESSION_IDLE_TIMEOUT",
+        default_value = "30m",
+        value_name = "DURATION"
+    )]
+    pub session_idle_timeout: String,
+
+    /// Headers of the session's latest request copied onto its heartbeats (plus its own session header).
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_HEADERS",
+        default_value = "authorization,cookie",
+        value_name = "NAMES"
+    )]
+    pub heartbeat_headers: String,
+
+    /// Extra heartbeat headers from templates, `;`-separated: `x-lease-action: renew; x-lease-id: {session}`.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_SET_HEADERS",
+        default_value = "",
+        value_name = "HEADERS"
+    )]
+    pub heartbeat_set_headers: String,
+
+    /// JSON field a live heartbeat answer must contain (e.g. result.TTL); a 2xx without it means gone.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_ALIVE_FIELD",
+        default_value = "",
+        value_name = "FIELD"
+    )]
+    pub heartbeat_alive_field: String,
+
+    /// A session is dropped after this many heartbeat failures in a row.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_MAX_FAILURES",
+        default_value = "3",
+        value_name = "N"
+    )]
+    pub heartbeat_max_failures: String,
+
+    /// Heartbeats sent per second at most, across all sessions.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_MAX_PER_SEC",
+        default_value = "500",
+        value_name = "N"
+    )]
+    pub heartbeat_max_per_sec: String,
+
+    /// Deadline of one heartbeat request.
+    #[arg(
+        long,
+        env = "IDEMPROXY_HEARTBEAT_TIMEOUT",
+        default_value = "5s",
+        value_name = "DURATION"
+    )]
+    pub heartbeat_timeout: String,
+
+    /// Sessions tracked at most; the oldest idle one is evicted first.
+    #[arg(
+        long,
+        env = "IDEMPROXY_MAX_SESSIONS",
+        default_value = "10000",
+        value_name = "N"
+    )]
+    pub max_sessions: String,
+
     /// Session id sources tried on every request, e.g. header:Mcp-Session-Id,cookie:sid.
     #[arg(
         long,
@@ -442,6 +543,10 @@ pub struct Config {
     pub routes: Arc<RouteTable>,
     /// Session sources tried on every request.
     pub session_sources: Vec<SessionSource>,
+    /// Session tracking and the heartbeat scheduler.
+    pub sessions: SessionConfig,
+    /// How sessions are learned and heartbeats built.
+    pub session_layer: SessionLayerConfig,
 }
 
 /// One rejected option: which variable, what value, what was expected.
@@ -737,6 +842,125 @@ fn key_config(c: &mut Checker, args: &Args) -> KeyConfig {
     }
 }
 
+fn parse_header_names(text: &str) -> Result<Vec<HeaderName>, &'static str> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            HeaderName::from_bytes(t.as_bytes())
+                .map_err(|_| "a comma-separated list of header names")
+        })
+        .collect()
+}
+
+fn parse_set_headers(text: &str) -> Result<Vec<(HeaderName, Template)>, String> {
+    const EXPECTED: &str = "`name: template` pairs separated by `;` or newlines, e.g. x-lease-action: renew; x-lease-id: {session}";
+    text.split([';', '\n'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once(':').ok_or_else(|| EXPECTED.to_owned())?;
+            let name =
+                HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| EXPECTED.to_owned())?;
+            let template =
+                Template::parse_header(value.trim()).map_err(|e| format!("{EXPECTED} ({e})"))?;
+            Ok((name, template))
+        })
+        .collect()
+}
+
+fn session_config(
+    c: &mut Checker,
+    args: &Args,
+    sources: &[SessionSource],
+) -> (SessionConfig, SessionLayerConfig) {
+    let heartbeat = if args.heartbeat.trim().is_empty() {
+        None
+    } else {
+        c.parse("IDEMPROXY_HEARTBEAT", &args.heartbeat, None, |v| {
+            HeartbeatTemplate::parse(v).map(Some).map_err(|e| {
+                format!(
+                    "`METHOD /path/template` such as POST /v1/sessions/{{session}}/heartbeat ({e})"
+                )
+            })
+        })
+    };
+    let heartbeat_body = if args.heartbeat_body.trim().is_empty() {
+        None
+    } else {
+        c.parse(
+            "IDEMPROXY_HEARTBEAT_BODY",
+            &args.heartbeat_body,
+            None,
+            |v| {
+                Template::parse_json(v).map(Some).map_err(|e| {
+                    format!("a JSON body template such as {{\"ID\":\"{{session}}\"}} ({e})")
+                })
+            },
+        )
+    };
+    let interval = c.positive_duration("IDEMPROXY_HEARTBEAT_INTERVAL", &args.heartbeat_interval);
+    let idle_timeout =
+        c.positive_duration("IDEMPROXY_SESSION_IDLE_TIMEOUT", &args.session_idle_timeout);
+    let copy_headers = c.parse(
+        "IDEMPROXY_HEARTBEAT_HEADERS",
+        &args.heartbeat_headers,
+        Vec::new(),
+        parse_header_names,
+    );
+    let set_headers = c.parse(
+        "IDEMPROXY_HEARTBEAT_SET_HEADERS",
+        &args.heartbeat_set_headers,
+        Vec::new(),
+        parse_set_headers,
+    );
+    let alive_field = if args.heartbeat_alive_field.trim().is_empty() {
+        None
+    } else {
+        c.parse(
+            "IDEMPROXY_HEARTBEAT_ALIVE_FIELD",
+            &args.heartbeat_alive_field,
+            None,
+            |v| {
+                FieldPath::parse(v.trim())
+                    .map(|_| Some(v.trim().split('.').map(str::to_owned).collect::<Vec<_>>()))
+                    .map_err(|_| "a JSON field path such as result.TTL")
+            },
+        )
+    };
+    let max_failures = c.count(
+        "IDEMPROXY_HEARTBEAT_MAX_FAILURES",
+        &args.heartbeat_max_failures,
+        1,
+    );
+    let max_per_sec = c.count(
+        "IDEMPROXY_HEARTBEAT_MAX_PER_SEC",
+        &args.heartbeat_max_per_sec,
+        1,
+    );
+    let request_timeout =
+        c.positive_duration("IDEMPROXY_HEARTBEAT_TIMEOUT", &args.heartbeat_timeout);
+    let max_sessions = c.count("IDEMPROXY_MAX_SESSIONS", &args.max_sessions, 1);
+    let sessions = SessionConfig {
+        interval,
+        idle_timeout,
+        max_failures: u32::try_from(max_failures).unwrap_or(u32::MAX),
+        max_sessions,
+        max_per_sec: u32::try_from(max_per_sec).unwrap_or(u32::MAX),
+        alive_field,
+        request_timeout,
+    };
+    let layer = SessionLayerConfig {
+        sources: sources.to_vec(),
+        heartbeat,
+        heartbeat_body,
+        set_headers,
+        copy_headers,
+        max_response_body: 64 * 1024,
+    };
+    (sessions, layer)
+}
+
 impl Config {
     /// Validates every option, reporting all bad ones together.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
@@ -854,6 +1078,7 @@ impl Config {
             Vec::new(),
             SessionSource::parse_list,
         );
+        let (sessions, session_layer) = session_config(&mut c, args, &session_sources);
         c.finish()?;
         let (Some(upstream), Some(listen), Some(admin_listen)) = (upstream, listen, admin_listen)
         else {
@@ -886,6 +1111,8 @@ impl Config {
             keys,
             routes: Arc::new(routes),
             session_sources,
+            sessions,
+            session_layer,
         })
     }
 
@@ -974,6 +1201,52 @@ impl Config {
                 format!("{:?}", self.keys.mode).to_ascii_lowercase(),
             ),
             ("SESSION_SOURCES", join(self.session_sources.iter())),
+            (
+                "HEARTBEAT",
+                self.session_layer
+                    .heartbeat
+                    .as_ref()
+                    .map_or(String::new(), |h| format!("{} {}", h.method, h.template)),
+            ),
+            (
+                "HEARTBEAT_BODY",
+                self.session_layer
+                    .heartbeat_body
+                    .as_ref()
+                    .map_or(String::new(), |t| t.to_string()),
+            ),
+            ("HEARTBEAT_INTERVAL", fmt_d(self.sessions.interval)),
+            ("SESSION_IDLE_TIMEOUT", fmt_d(self.sessions.idle_timeout)),
+            (
+                "HEARTBEAT_HEADERS",
+                join(self.session_layer.copy_headers.iter()),
+            ),
+            (
+                "HEARTBEAT_SET_HEADERS",
+                self.session_layer
+                    .set_headers
+                    .iter()
+                    .map(|(n, t)| format!("{n}: {t}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            (
+                "HEARTBEAT_ALIVE_FIELD",
+                self.sessions
+                    .alive_field
+                    .as_ref()
+                    .map_or(String::new(), |f| f.join(".")),
+            ),
+            (
+                "HEARTBEAT_MAX_FAILURES",
+                self.sessions.max_failures.to_string(),
+            ),
+            (
+                "HEARTBEAT_MAX_PER_SEC",
+                self.sessions.max_per_sec.to_string(),
+            ),
+            ("HEARTBEAT_TIMEOUT", fmt_d(self.sessions.request_timeout)),
+            ("MAX_SESSIONS", self.sessions.max_sessions.to_string()),
         ];
         let mut out = String::new();
         for (name, value) in lines {

@@ -215,9 +215,17 @@ where
                 Ok(recovered) => {
                     metrics.recovered.inc();
                     info!(
-                        request_id = ?original.headers.get(&X_REQUEST_ID),
+                        request_id = original
+                            .headers
+                            .get(&X_REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-"),
                         route = original.classified.route().map_or(0, |r| r.line_number),
-                        key = ?original.key.as_ref().map(|k| &k.value),
+                        key = original
+                            .key
+                            .as_ref()
+                            .and_then(|k| k.value.to_str().ok())
+                            .unwrap_or("-"),
                         "recovered from 409 conflict"
                     );
                     Ok(recovered)
@@ -230,7 +238,11 @@ where
                         })
                         .inc();
                     info!(
-                        request_id = ?original.headers.get(&X_REQUEST_ID),
+                        request_id = original
+                            .headers
+                            .get(&X_REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-"),
                         route = original.classified.route().map_or(0, |r| r.line_number),
                         reason = reason.label(),
                         "409 conflict passed through"

@@ -136,7 +136,7 @@ impl Proxy {
                             .get_or_create(&ErrorKind { kind: err.kind() })
                             .inc();
                         warn!(
-                            request_id = ?request_id,
+                            request_id = request_id.to_str().unwrap_or("-"),
                             %method,
                             upstream = %shared.upstream,
                             kind = err.kind(),
@@ -162,7 +162,11 @@ impl Proxy {
             .metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        debug!(request_id = ?request_id, status = resp.status().as_u16(), "answered");
+        debug!(
+            request_id = request_id.to_str().unwrap_or("-"),
+            status = resp.status().as_u16(),
+            "answered"
+        );
         Ok(resp.map(|b| ResponseBody {
             inner: b,
             _guard: guard,

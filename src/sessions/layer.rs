@@ -1,0 +1,441 @@
+//! The request-path side of sessions: learns session ids from requests and
+//! responses, registers a session only on a `2xx`, keeps it active while a
+//! request of it is in flight (until the response body ends), and ends it on
+//! a `session-end` route.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::PathAndQuery;
+use http::{Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::{debug, warn};
+
+use super::{EndReason, HeartbeatSpec, InFlight, Registration, SessionTracker};
+use crate::BoxError;
+use crate::body::{self, Body};
+use crate::buffered::BufferedBody;
+use crate::classify::Classified;
+use crate::error::UpstreamError;
+use crate::policy::SessionId;
+use crate::routes::{
+    Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
+};
+
+/// How sessions are learned and heartbeated; built by the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct SessionLayerConfig {
+    /// `IDEMPROXY_SESSION_SOURCES`: tried on every request and response.
+    pub sources: Vec<SessionSource>,
+    /// `IDEMPROXY_HEARTBEAT`: the global heartbeat (`None`: no heartbeats unless a route has one).
+    pub heartbeat: Option<HeartbeatTemplate>,
+    /// `IDEMPROXY_HEARTBEAT_BODY`: a JSON body template.
+    pub heartbeat_body: Option<Template>,
+    /// `IDEMPROXY_HEARTBEAT_SET_HEADERS`: headers added to every heartbeat.
+    pub set_headers: Vec<(HeaderName, Template)>,
+    /// `IDEMPROXY_HEARTBEAT_HEADERS`: request headers copied onto heartbeats
+    /// (the session's own header or cookie source is always added).
+    pub copy_headers: Vec<HeaderName>,
+    /// Largest response body read to find a `response-json:` session id.
+    pub max_response_body: usize,
+}
+
+/// Adds [`Sessions`] around a service.
+#[derive(Clone, Debug)]
+pub struct SessionLayer {
+    tracker: SessionTracker,
+    config: Arc<SessionLayerConfig>,
+}
+
+impl SessionLayer {
+    /// A layer feeding `tracker`.
+    pub fn new(tracker: SessionTracker, config: SessionLayerConfig) -> Self {
+        Self {
+            tracker,
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = Sessions<S>;
+    fn layer(&self, inner: S) -> Sessions<S> {
+        Sessions {
+            inner,
+            tracker: self.tracker.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Learns and tracks sessions; see the module docs.
+#[derive(Clone, Debug)]
+pub struct Sessions<S> {
+    inner: S,
+    tracker: SessionTracker,
+    config: Arc<SessionLayerConfig>,
+}
+
+/// What is kept of a request until its response decides about its session.
+struct Pending {
+    id: Option<Arc<str>>,
+    source: Option<Arc<str>>,
+    classified: Option<Classified>,
+    query: Option<String>,
+    credentials: HeaderMap,
+}
+
+impl<S> Service<Request<Body>> for Sessions<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let classified = req.extensions().get::<Classified>().cloned();
+        let route_sources = classified
+            .as_ref()
+            .and_then(|c| c.route())
+            .map(|r| r.session.as_slice());
+        let has_sources =
+            !self.config.sources.is_empty() || route_sources.is_some_and(|s| !s.is_empty());
+        if !has_sources {
+            return Box::pin(inner.call(req));
+        }
+        let id = req.extensions().get::<SessionId>().map(|s| s.0.clone());
+        let captures = classified
+            .as_ref()
+            .map_or(&*EMPTY_CAPTURES, |c| &c.captures);
+        let json = req
+            .extensions()
+            .get::<BufferedBody>()
+            .and_then(BufferedBody::json);
+        let source = id.as_deref().and_then(|id| {
+            route_sources
+                .unwrap_or_default()
+                .iter()
+                .chain(self.config.sources.iter())
+                .filter(|s| !s.is_response())
+                .find(|s| s.from_request(captures, req.headers(), json).as_deref() == Some(id))
+                .map(|s| Arc::<str>::from(s.label()))
+        });
+        let pending = Pending {
+            credentials: copy_credentials(&self.config, req.headers(), route_sources),
+            id,
+            source,
+            classified,
+            query: req.uri().query().map(str::to_owned),
+        };
+        let guard = pending
+            .id
+            .as_deref()
+            .and_then(|id| self.tracker.begin_request(id));
+        let tracker = self.tracker.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            let resp = fut.await?;
+            Ok(after_response(&tracker, &config, pending, guard, resp).await)
+        })
+    }
+}
+
+static EMPTY_CAPTURES: std::sync::LazyLock<Captures> = std::sync::LazyLock::new(Captures::new);
+
+fn copy_credentials(
+    config: &SessionLayerConfig,
+    headers: &HeaderMap,
+    route_sources: Option<&[SessionSource]>,
+) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    let mut copy = |name: &HeaderName| {
+        for value in headers.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    };
+    for name in &config.copy_headers {
+        copy(name);
+    }
+    // The session's own header (or cookie) travels with its heartbeats.
+    for source in route_sources
+        .unwrap_or_default()
+        .iter()
+        .chain(config.sources.iter())
+    {
+        match source.kind() {
+            SessionSourceKind::Header(name) => copy(name),
+            SessionSourceKind::Cookie(_) => copy(&header::COOKIE),
+            _ => {}
+        }
+    }
+    out
+}
+
+async fn after_response(
+    tracker: &SessionTracker,
+    config: &SessionLayerConfig,
+    mut pending: Pending,
+    mut guard: Option<InFlight>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    if !resp.status().is_success() {
+        // A failed response never registers a session.
+        return with_guard(resp, guard);
+    }
+    let route = pending.classified.as_ref().and_then(|c| c.route());
+    let route_sources = route.map(|r| r.session.as_slice()).unwrap_or_default();
+    let mut resp = resp;
+    if pending.id.is_none() {
+        let response_sources: Vec<&SessionSource> = route_sources
+            .iter()
+            .chain(config.sources.iter())
+            .filter(|s| s.is_response())
+            .collect();
+        if !response_sources.is_empty() {
+            let json_body = if response_sources.iter().any(|s| s.needs_response_body())
+                && is_json(resp.headers())
+            {
+                let (r, json) = read_json(resp, config.max_response_body).await;
+                resp = r;
+                json
+            } else {
+                None
+            };
+            for source in response_sources {
+                if let Some(id) = source.from_response(resp.headers(), json_body.as_ref()) {
+                    pending.id = Some(id.into());
+                    pending.source = Some(source.label().into());
+                    break;
+                }
+            }
+        }
+    }
+    let Some(id) = pending.id.clone() else {
+        return with_guard(resp, guard);
+    };
+    if route.is_some_and(|r| r.session_end) {
+        drop(guard.take());
+        if tracker.end(&id, EndReason::ClientEnd) {
+            debug!(session = %tracker.digest(&id), "session ended by the client");
+        }
+        return resp;
+    }
+    let route_heartbeat = route.and_then(|r| r.heartbeat.as_ref());
+    let heartbeat = if !tracker.contains(&id) || route_heartbeat.is_some() {
+        route_heartbeat
+            .or(config.heartbeat.as_ref())
+            .and_then(|hb| render_heartbeat(tracker, config, hb, &pending, &id))
+            .map(Arc::new)
+    } else {
+        None
+    };
+    tracker.observe(Registration {
+        id: id.clone(),
+        source: pending
+            .source
+            .clone()
+            .unwrap_or_else(|| Arc::from("unknown")),
+        heartbeat,
+        credentials: std::mem::take(&mut pending.credentials),
+    });
+    if guard.is_none() {
+        // A session first seen in this response is active while its body streams.
+        guard = tracker.begin_request(&id);
+    }
+    with_guard(resp, guard)
+}
+
+fn render_heartbeat(
+    tracker: &SessionTracker,
+    config: &SessionLayerConfig,
+    hb: &HeartbeatTemplate,
+    pending: &Pending,
+    id: &str,
+) -> Option<HeartbeatSpec> {
+    let captures = pending
+        .classified
+        .as_ref()
+        .map_or(&*EMPTY_CAPTURES, |c| &c.captures);
+    let no_headers = HeaderMap::new();
+    let ctx = RenderContext::new(captures, &no_headers)
+        .with_query(pending.query.as_deref())
+        .with_session(Some(id));
+    let rendered = hb.template.render(&ctx).and_then(|path| {
+        PathAndQuery::try_from(path).map_err(|_| crate::routes::RenderError::InvalidQuery)
+    });
+    let path = match rendered {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(session = %tracker.digest(id), error = %e, "cannot build this session's heartbeat; it gets none");
+            return None;
+        }
+    };
+    let mut spec = HeartbeatSpec::new(hb.method.clone(), path);
+    if let Some(body) = &config.heartbeat_body {
+        match body.render_json_string(&ctx) {
+            Ok(b) => spec = spec.with_json_body(b),
+            Err(e) => {
+                warn!(session = %tracker.digest(id), error = %e, "cannot build this session's heartbeat body; it gets none");
+                return None;
+            }
+        }
+    }
+    for (name, template) in &config.set_headers {
+        match template.render_header_value(&ctx) {
+            Ok(v) => {
+                spec.set_headers.insert(name.clone(), v);
+            }
+            Err(e) => {
+                warn!(session = %tracker.digest(id), header = %name, error = %e, "cannot build a heartbeat header; this session gets no heartbeat");
+                return None;
+            }
+        }
+    }
+    Some(spec)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"))
+}
+
+/// Reads a small JSON response body to find a session id in it; the client
+/// still gets the same bytes. A body over the cap is passed on unread.
+async fn read_json(
+    resp: Response<Body>,
+    cap: usize,
+) -> (Response<Body>, Option<serde_json::Value>) {
+    let (parts, mut body) = resp.into_parts();
+    if body.size_hint().lower() > cap as u64 {
+        return (Response::from_parts(parts, body), None);
+    }
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > cap {
+                        let rest = Prefixed {
+                            prefix: Some(buf.freeze()),
+                            rest: body,
+                        };
+                        return (Response::from_parts(parts, body::boxed(rest)), None);
+                    }
+                }
+                Err(_trailers) => {}
+            },
+            Err(e) => {
+                let failed = Failed(Some(e));
+                let rest = Prefixed {
+                    prefix: Some(buf.freeze()),
+                    rest: body::boxed(failed),
+                };
+                return (Response::from_parts(parts, body::boxed(rest)), None);
+            }
+        }
+    }
+    let bytes = buf.freeze();
+    let json = serde_json::from_slice(&bytes).ok();
+    (Response::from_parts(parts, body::full(bytes)), json)
+}
+
+fn with_guard(resp: Response<Body>, guard: Option<InFlight>) -> Response<Body> {
+    match guard {
+        None => resp,
+        Some(guard) => resp.map(|b| {
+            body::boxed(Guarded {
+                inner: b,
+                _guard: guard,
+            })
+        }),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its session active until it ends.
+    struct Guarded {
+        #[pin]
+        inner: Body,
+        _guard: InFlight,
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Bytes already read, then the rest of the body.
+    struct Prefixed {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: Body,
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        this.rest.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// A body that yields one error: the upstream's body failed while being read.
+struct Failed(Option<BoxError>);
+
+impl http_body::Body for Failed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.take().map(Err))
+    }
+}

@@ -1,0 +1,516 @@
+//! The session table: what the request path and the admin port see.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::metrics::SessionMetrics;
+use super::scheduler::{self, Token};
+use super::{EndReason, HeartbeatSpec, Registration, SessionConfig};
+use crate::body::Body;
+use crate::error::UpstreamError;
+
+/// Durations are capped so that `Instant + duration` never overflows.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The shortest heartbeat interval, so a zero never spins the scheduler.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Jitter of the interval, in permille each way (±10%).
+const JITTER_PERMILLE: i16 = 100;
+
+/// Headers never copied from a client request onto a heartbeat: they describe
+/// the client's body or connection, or are set by the heartbeat itself.
+const NOT_COPIED: [HeaderName; 12] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    header::HOST,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::EXPECT,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("x-request-id"),
+];
+
+/// The configuration as the tracker uses it: clamped, and the alive field shared.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) interval: Duration,
+    pub(super) idle_timeout: Duration,
+    pub(super) max_failures: u32,
+    pub(super) max_sessions: usize,
+    pub(super) max_per_sec: u32,
+    pub(super) alive_field: Option<Arc<[String]>>,
+    pub(super) request_timeout: Duration,
+}
+
+impl Settings {
+    fn new(config: SessionConfig) -> Self {
+        Self {
+            interval: config.interval.clamp(MIN_INTERVAL, MAX_DURATION),
+            idle_timeout: config.idle_timeout.min(MAX_DURATION),
+            max_failures: config.max_failures.max(1),
+            max_sessions: config.max_sessions.max(1),
+            max_per_sec: config.max_per_sec,
+            alive_field: config.alive_field.map(Arc::from),
+            request_timeout: config.request_timeout.min(MAX_DURATION),
+        }
+    }
+}
+
+/// One tracked session. Kept small: there may be 100 000 of them.
+pub(super) struct Session {
+    /// Registration number: tells this registration from an earlier or later
+    /// one of the same id (timer entries and in-flight guards carry it).
+    pub(super) generation: u64,
+    pub(super) source: Arc<str>,
+    pub(super) heartbeat: Option<Arc<HeartbeatSpec>>,
+    /// Copied credentials headers (values copied and marked sensitive).
+    pub(super) credentials: Box<[(HeaderName, HeaderValue)]>,
+    pub(super) last_activity: Instant,
+    /// End of the last heartbeat round (or registration).
+    pub(super) last_beat: Instant,
+    pub(super) in_flight: u32,
+    pub(super) failures: u32,
+    /// This round's jitter of the interval, in permille.
+    pub(super) jitter: i16,
+    /// Retries of the current heartbeat round so far (0: not retrying).
+    pub(super) retries: u8,
+    /// The scheduler holds this registration's timer token.
+    pub(super) scheduled: bool,
+}
+
+impl Session {
+    /// When the next heartbeat is due: the interval (with this round's
+    /// jitter) after the later of last activity and last heartbeat.
+    pub(super) fn due(&self, settings: &Settings) -> Instant {
+        let anchor = self.last_activity.max(self.last_beat);
+        anchor + jittered(settings.interval, self.jitter)
+    }
+
+    /// No activity for the idle timeout and nothing in flight.
+    pub(super) fn is_idle(&self, settings: &Settings, now: Instant) -> bool {
+        self.in_flight == 0 && now >= self.last_activity + settings.idle_timeout
+    }
+
+    /// When the scheduler should look at this session next.
+    pub(super) fn wake_at(&self, settings: &Settings) -> Instant {
+        let due = self.due(settings);
+        if self.in_flight == 0 {
+            due.min(self.last_activity + settings.idle_timeout)
+        } else {
+            due
+        }
+    }
+}
+
+/// `interval` scaled by `(1000 + permille) / 1000`.
+pub(super) fn jittered(interval: Duration, permille: i16) -> Duration {
+    let scale = u128::from(1000_i16.saturating_add(permille).max(0).unsigned_abs());
+    let nanos = interval.as_nanos().saturating_mul(scale) / 1000;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// A fresh jitter in `[-10%, +10%]`.
+pub(super) fn draw_jitter() -> i16 {
+    rand::random_range(-JITTER_PERMILLE..=JITTER_PERMILLE)
+}
+
+/// State shared by the tracker handles, the in-flight guards and the scheduler.
+pub(super) struct Shared {
+    pub(super) settings: Settings,
+    pub(super) sessions: DashMap<Arc<str>, Session>,
+    pub(super) metrics: SessionMetrics,
+    digest_key: RandomState,
+    next_generation: AtomicU64,
+    /// New registrations for the scheduler, sent only while it runs.
+    wake_tx: mpsc::UnboundedSender<Token>,
+    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<Token>>>,
+    scheduler_running: AtomicBool,
+}
+
+impl Shared {
+    pub(super) fn digest(&self, id: &str) -> String {
+        format!("{:016x}", self.digest_key.hash_one(id))
+    }
+
+    /// Removes the session `id` if it is still registration `generation` and
+    /// `condition` holds; counts and logs the end. Never call it while holding
+    /// a guard into the map.
+    pub(super) fn remove_if(
+        &self,
+        id: &str,
+        generation: u64,
+        reason: EndReason,
+        condition: impl FnOnce(&Session) -> bool,
+    ) -> bool {
+        let removed = self
+            .sessions
+            .remove_if(id, |_, s| s.generation == generation && condition(s))
+            .is_some();
+        if removed {
+            self.ended(id, reason);
+        }
+        removed
+    }
+
+    fn ended(&self, id: &str, reason: EndReason) {
+        self.metrics.session_ended(reason);
+        tracing::debug!(session = %self.digest(id), %reason, "session no longer tracked");
+    }
+}
+
+/// Tracks sessions and schedules their heartbeats. Cheap to clone: every
+/// clone shares one table.
+#[derive(Clone)]
+pub struct SessionTracker {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for SessionTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionTracker")
+            .field("sessions", &self.len())
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`SessionTracker::observe`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// A new session is tracked.
+    New,
+    /// A known session's activity and credentials were refreshed.
+    Refreshed,
+    /// The table is full and every session has a request in flight: the new
+    /// session is not tracked (its requests are still proxied).
+    Full,
+}
+
+/// One tracked session as `GET /sessions` shows it. Never contains the raw
+/// session id nor any copied header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionView {
+    /// A keyed digest of the session id (16 hex chars), stable for the
+    /// process's lifetime; see [`SessionTracker::digest`].
+    pub digest: String,
+    /// Where the id was found, e.g. `header:Mcp-Session-Id`.
+    pub source: String,
+    /// Seconds since the last client activity.
+    pub last_activity_secs_ago: u64,
+    /// Seconds until the next heartbeat is due (0 when due or being sent);
+    /// `None` for a session without heartbeat.
+    pub next_heartbeat_in_secs: Option<u64>,
+    /// Heartbeats failed in a row.
+    pub consecutive_failures: u32,
+    /// Requests of this session being proxied now.
+    pub in_flight: u32,
+}
+
+impl SessionTracker {
+    /// An empty tracker. Heartbeats start with [`SessionTracker::spawn_scheduler`].
+    pub fn new(config: SessionConfig, metrics: SessionMetrics) -> Self {
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        Self {
+            shared: Arc::new(Shared {
+                settings: Settings::new(config),
+                sessions: DashMap::new(),
+                metrics,
+                digest_key: RandomState::new(),
+                next_generation: AtomicU64::new(1),
+                wake_tx,
+                wake_rx: Mutex::new(Some(wake_rx)),
+                scheduler_running: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Records a sighting of a session: registers a new session, or refreshes
+    /// a known one's last activity and replaces its credentials with these
+    /// (see [`Registration::heartbeat`] for when its heartbeat is replaced).
+    ///
+    /// When the table is full, the session with the oldest activity and no
+    /// request in flight is evicted first.
+    pub fn observe(&self, reg: Registration) -> Observed {
+        let now = Instant::now();
+        let Registration {
+            id,
+            source,
+            heartbeat,
+            credentials,
+        } = reg;
+        let credentials = copy_credentials(&credentials);
+        let shared = &self.shared;
+        if let Some(mut session) = shared.sessions.get_mut(&*id) {
+            refresh(&mut session, now, source, heartbeat, credentials);
+            return Observed::Refreshed;
+        }
+        if !self.make_room() {
+            tracing::warn!(
+                session = %shared.digest(&id),
+                max_sessions = shared.settings.max_sessions,
+                "session table full of sessions with requests in flight; not tracking a new session"
+            );
+            return Observed::Full;
+        }
+        let key = id;
+        let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed);
+        match shared.sessions.entry(Arc::clone(&key)) {
+            Entry::Occupied(mut occupied) => {
+                // Registered by a concurrent request in the meantime.
+                refresh(occupied.get_mut(), now, source, heartbeat, credentials);
+                return Observed::Refreshed;
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Session {
+                    generation,
+                    source,
+                    heartbeat,
+                    credentials,
+                    last_activity: now,
+                    last_beat: now,
+                    in_flight: 0,
+                    failures: 0,
+                    jitter: draw_jitter(),
+                    retries: 0,
+                    scheduled: false,
+                });
+            }
+        }
+        shared.metrics.session_added();
+        tracing::debug!(session = %shared.digest(&key), "new session tracked");
+        // After the insert: a scheduler that starts concurrently either sees
+        // this flag set by us or finds the session in its initial scan.
+        if shared.scheduler_running.load(Ordering::SeqCst) {
+            let _ = shared.wake_tx.send(Token::new(key, generation));
+        }
+        Observed::New
+    }
+
+    /// Evicts sessions until there is room for one more; `false` if every
+    /// session has a request in flight.
+    fn make_room(&self) -> bool {
+        let shared = &self.shared;
+        while shared.sessions.len() >= shared.settings.max_sessions {
+            // O(n) scan, only when the table is full. No guard is held when removing.
+            let oldest = shared
+                .sessions
+                .iter()
+                .filter(|s| s.in_flight == 0)
+                .min_by_key(|s| s.last_activity)
+                .map(|s| (Arc::clone(s.key()), s.generation));
+            let Some((key, generation)) = oldest else {
+                return false;
+            };
+            shared.remove_if(&key, generation, EndReason::Evicted, |s| s.in_flight == 0);
+        }
+        true
+    }
+
+    /// Whether the session `id` is tracked.
+    pub fn contains(&self, id: &str) -> bool {
+        self.shared.sessions.contains_key(id)
+    }
+
+    /// Marks a request of session `id` as in flight until the returned guard
+    /// drops; the drop also counts as activity. While in flight, the session
+    /// is never idle-expired and its heartbeats go on (a long poll survives).
+    /// `None` for an unknown session.
+    pub fn begin_request(&self, id: &str) -> Option<InFlight> {
+        let mut session = self.shared.sessions.get_mut(id)?;
+        session.in_flight = session.in_flight.saturating_add(1);
+        session.last_activity = Instant::now();
+        Some(InFlight {
+            shared: Arc::clone(&self.shared),
+            key: Arc::clone(session.key()),
+            generation: session.generation,
+        })
+    }
+
+    /// Stops tracking session `id` (the client ended it, or an operator did);
+    /// `false` if it was not tracked. A heartbeat already on its way is
+    /// ignored when it answers.
+    pub fn end(&self, id: &str, reason: EndReason) -> bool {
+        let removed = self.shared.sessions.remove(id).is_some();
+        if removed {
+            self.shared.ended(id, reason);
+        }
+        removed
+    }
+
+    /// Stops tracking the session whose [`SessionTracker::digest`] is
+    /// `digest` (`DELETE /sessions/{digest}` on the admin port); `false` if
+    /// none matches.
+    pub fn remove_by_digest(&self, digest: &str) -> bool {
+        let shared = &self.shared;
+        let Some(wanted) = parse_digest(digest) else {
+            return false;
+        };
+        let found = shared
+            .sessions
+            .iter()
+            .find(|s| shared.digest_key.hash_one(&**s.key()) == wanted)
+            .map(|s| (Arc::clone(s.key()), s.generation));
+        match found {
+            Some((key, generation)) => {
+                shared.remove_if(&key, generation, EndReason::Admin, |_| true)
+            }
+            None => false,
+        }
+    }
+
+    /// The tracked sessions, for `GET /sessions`.
+    pub fn snapshot(&self) -> Vec<SessionView> {
+        let shared = &self.shared;
+        let now = Instant::now();
+        shared
+            .sessions
+            .iter()
+            .map(|s| SessionView {
+                digest: shared.digest(s.key()),
+                source: s.source.to_string(),
+                last_activity_secs_ago: now.saturating_duration_since(s.last_activity).as_secs(),
+                next_heartbeat_in_secs: s.heartbeat.as_ref().map(|_| {
+                    s.due(&shared.settings)
+                        .saturating_duration_since(now)
+                        .as_secs()
+                }),
+                consecutive_failures: s.failures,
+                in_flight: s.in_flight,
+            })
+            .collect()
+    }
+
+    /// The number of tracked sessions.
+    pub fn len(&self) -> usize {
+        self.shared.sessions.len()
+    }
+
+    /// Whether no session is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.shared.sessions.is_empty()
+    }
+
+    /// The digest under which session `id` is shown and logged: 16 hex chars
+    /// of a SipHash keyed randomly per tracker (so digests differ between
+    /// processes and cannot be precomputed from guessed ids).
+    pub fn digest(&self, id: &str) -> String {
+        self.shared.digest(id)
+    }
+
+    /// The tracker's metrics.
+    pub fn metrics(&self) -> &SessionMetrics {
+        &self.shared.metrics
+    }
+
+    /// Starts the one task that sends every session's heartbeats through
+    /// `client` (the proxy's upstream service, which fills in scheme and
+    /// authority; requests carry only a path and query) and drops idle
+    /// sessions. It runs until `shutdown` completes; heartbeats on their way
+    /// are then abandoned.
+    ///
+    /// Only one scheduler runs per tracker: a second call logs a warning and
+    /// returns a task that ends at once.
+    pub fn spawn_scheduler<S, F>(&self, client: S, shutdown: F) -> JoinHandle<()>
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let rx = match self.shared.wake_rx.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(rx) = rx else {
+            tracing::warn!("the session heartbeat scheduler is already running");
+            return tokio::spawn(async {});
+        };
+        self.shared.scheduler_running.store(true, Ordering::SeqCst);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(scheduler::run(shared, client, rx, shutdown))
+    }
+}
+
+/// Reads a digest as shown by [`SessionTracker::digest`].
+fn parse_digest(digest: &str) -> Option<u64> {
+    if digest.len() != 16 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(digest, 16).ok()
+}
+
+/// Refreshes a known session with a new sighting.
+fn refresh(
+    session: &mut Session,
+    now: Instant,
+    source: Arc<str>,
+    heartbeat: Option<Arc<HeartbeatSpec>>,
+    credentials: Box<[(HeaderName, HeaderValue)]>,
+) {
+    session.last_activity = now;
+    session.credentials = credentials;
+    session.source = source;
+    if let Some(heartbeat) = heartbeat {
+        session.heartbeat = Some(heartbeat);
+    }
+}
+
+/// Copies the credentials headers into fresh allocations marked sensitive.
+///
+/// A parsed header value shares the connection's read buffer; keeping it for
+/// a session's lifetime would pin that whole buffer.
+fn copy_credentials(headers: &HeaderMap) -> Box<[(HeaderName, HeaderValue)]> {
+    headers
+        .iter()
+        .filter(|(name, _)| !NOT_COPIED.contains(name))
+        .filter_map(|(name, value)| {
+            let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+            copy.set_sensitive(true);
+            Some((name.clone(), copy))
+        })
+        .collect()
+}
+
+/// A request of a session in flight; dropping it ends the request and counts
+/// as the session's activity. See [`SessionTracker::begin_request`].
+pub struct InFlight {
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    generation: u64,
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("session", &self.shared.digest(&self.key))
+            .finish()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let session = self.shared.sessions.get_mut(&*self.key);
+        if let Some(mut session) = session.filter(|s| s.generation == self.generation) {
+            session.in_flight = session.in_flight.saturating_sub(1);
+            session.last_activity = Instant::now();
+        }
+    }
+}
