@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::admin::{Admin, Readiness};
 use crate::classify::{ClassifyConfig, ClassifyLayer};
 use crate::config::Config;
-use crate::idempotency::IdempotencyKeyLayer;
+use crate::idempotency::{CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer};
 use crate::metrics::ProxyMetrics;
 use crate::proxy::{EdgeOptions, Proxy, Stack};
 use crate::retry::{RetryLayer, RetryMetrics};
@@ -67,15 +67,17 @@ impl Running {
 /// 2. sessions (when any session source is configured): outside verification,
 ///    so a recovered 409 counts as the success it is for the client; registers
 ///    sessions on 2xx only and keeps them active while a response streams;
-/// 3. idempotency key: attached before the retry layer, so every attempt of
+/// 3. idempotency cache (for keys the client sent): duplicates are answered
+///    here, before a key is made or anything goes upstream;
+/// 4. idempotency key: attached before the retry layer, so every attempt of
 ///    one request carries the same key (and the verifier can log it);
-/// 4. verify: outside the retry layer, so the 409 it verifies is the final
+/// 5. verify: outside the retry layer, so the 409 it verifies is the final
 ///    answer of the retried request, and its own verification read is retried
 ///    too (bounded by the same deadline);
-/// 5. retry: replays the body on 5xx, resets, refused connections and
+/// 6. retry: replays the body on 5xx, resets, refused connections and
 ///    timeouts, under the budget, and bounds the whole exchange by the deadline
 ///    (`IDEMPROXY_REQUEST_TIMEOUT` or the route's `timeout=`);
-/// 6. the pooled upstream client.
+/// 7. the pooled upstream client.
 pub fn build_stack(
     config: &Config,
     upstream: UpstreamService,
@@ -88,7 +90,7 @@ pub fn build_stack(
         session_sources: Arc::new(config.session_sources.clone()),
         keys: Some(config.keys.clone()),
         max_body: config.retry.max_replay_body,
-        body_for_client_keys: false,
+        body_for_client_keys: config.idempotency_cache.is_some(),
     });
     let verify = VerifyLayer::new(
         VerifyConfig {
@@ -100,9 +102,14 @@ pub fn build_stack(
         VerifyMetrics::new(registry),
     );
     let sessions = sessions.map(|t| SessionLayer::new(t.clone(), config.session_layer.clone()));
+    let cache = config
+        .idempotency_cache
+        .clone()
+        .map(|c| IdempotencyCacheLayer::new(c, CacheMetrics::new(registry)));
     let stack = ServiceBuilder::new()
         .layer(classify)
         .option_layer(sessions)
+        .option_layer(cache)
         .layer(IdempotencyKeyLayer::new(config.keys.clone()))
         .layer(verify)
         .layer(retry)

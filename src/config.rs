@@ -26,7 +26,7 @@ use http::{HeaderName, Method, StatusCode};
 
 use std::sync::Arc;
 
-use crate::idempotency::{KeyConfig, KeyMode};
+use crate::idempotency::{CacheConfig, KeyConfig, KeyMode};
 use crate::retry::{RetryConfig, RetryOn};
 use crate::routes::{FieldPath, HeartbeatTemplate, RouteTable, SessionSource, Template};
 use crate::sessions::{SessionConfig, SessionLayerConfig};
@@ -335,6 +335,33 @@ pub struct Args {
     )]
     pub idempotency_key_mode: String,
 
+    /// How long a completed answer to a client-supplied key is replayed from the local cache (0 turns the cache off).
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_TTL",
+        default_value = "10m",
+        value_name = "DURATION"
+    )]
+    pub idempotency_ttl: String,
+
+    /// Answers kept in the local idempotency cache at most.
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_CACHE_ENTRIES",
+        default_value = "10000",
+        value_name = "N"
+    )]
+    pub idempotency_cache_entries: String,
+
+    /// Bytes of answers kept in the local idempotency cache at most.
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_CACHE_BYTES",
+        default_value = "64MiB",
+        value_name = "SIZE"
+    )]
+    pub idempotency_cache_bytes: String,
+
     // --- Sessions and heartbeats ---------------------------------------------
     /// Heartbeat request `METHOD TEMPLATE`, e.g. `POST /v1/sessions/{session}/heartbeat`; empty: no heartbeats.
     #[arg(
@@ -539,6 +566,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Idempotency keys.
     pub keys: KeyConfig,
+    /// The local cache for client-supplied keys (`None`: off).
+    pub idempotency_cache: Option<CacheConfig>,
     /// The route table.
     pub routes: Arc<RouteTable>,
     /// Session sources tried on every request.
@@ -717,6 +746,26 @@ fn existing_file(text: &str) -> Result<PathBuf, &'static str> {
     } else {
         Err("the path of a readable file")
     }
+}
+
+/// A PEM file holding at least one certificate (checked here so that a bad
+/// file is a configuration error naming its variable, not a start-up failure).
+fn pem_certificates(text: &str) -> Result<PathBuf, &'static str> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let path = existing_file(text)?;
+    match CertificateDer::pem_file_iter(&path).map(|certs| certs.collect::<Result<Vec<_>, _>>()) {
+        Ok(Ok(certs)) if !certs.is_empty() => Ok(path),
+        _ => Err("the path of a PEM file holding at least one certificate"),
+    }
+}
+
+/// A PEM file holding a private key.
+fn pem_private_key(text: &str) -> Result<PathBuf, &'static str> {
+    use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
+    let path = existing_file(text)?;
+    PrivateKeyDer::from_pem_file(&path)
+        .map(|_| path)
+        .map_err(|_| "the path of a PEM file holding a private key")
 }
 
 fn parse_statuses(text: &str) -> Result<Vec<StatusCode>, &'static str> {
@@ -995,7 +1044,7 @@ impl Config {
         let upstream_max_idle = c.count("IDEMPROXY_UPSTREAM_MAX_IDLE", &args.upstream_max_idle, 0);
         let ca_file = args.upstream_ca_file.as_deref().and_then(|p| {
             c.parse("IDEMPROXY_UPSTREAM_CA_FILE", p, None, |v| {
-                existing_file(v).map(Some)
+                pem_certificates(v).map(Some)
             })
         });
         let ca_only = c.boolean("IDEMPROXY_UPSTREAM_CA_ONLY", &args.upstream_ca_only);
@@ -1008,12 +1057,12 @@ impl Config {
         }
         let cert = args.upstream_client_cert.as_deref().and_then(|p| {
             c.parse("IDEMPROXY_UPSTREAM_CLIENT_CERT", p, None, |v| {
-                existing_file(v).map(Some)
+                pem_certificates(v).map(Some)
             })
         });
         let key = args.upstream_client_key.as_deref().and_then(|p| {
             c.parse("IDEMPROXY_UPSTREAM_CLIENT_KEY", p, None, |v| {
-                existing_file(v).map(Some)
+                pem_private_key(v).map(Some)
             })
         });
         match (&args.upstream_client_cert, &args.upstream_client_key) {
@@ -1057,6 +1106,24 @@ impl Config {
         }
         let retry = retry_config(&mut c, args, request_timeout);
         let keys = key_config(&mut c, args);
+        let cache_ttl = c.duration("IDEMPROXY_IDEMPOTENCY_TTL", &args.idempotency_ttl);
+        let cache_entries = c.count(
+            "IDEMPROXY_IDEMPOTENCY_CACHE_ENTRIES",
+            &args.idempotency_cache_entries,
+            1,
+        );
+        let cache_bytes = c.size(
+            "IDEMPROXY_IDEMPOTENCY_CACHE_BYTES",
+            &args.idempotency_cache_bytes,
+            0,
+        );
+        let idempotency_cache = (!cache_ttl.is_zero()).then(|| CacheConfig {
+            header: keys.header.clone(),
+            ttl: cache_ttl,
+            max_entries: cache_entries,
+            max_bytes: cache_bytes,
+            max_body: cache_bytes.min(retry.max_replay_body.max(64 * 1024)),
+        });
         let routes = match RouteTable::parse(&args.routes) {
             Ok(table) => table,
             Err(e) => {
@@ -1079,6 +1146,15 @@ impl Config {
             SessionSource::parse_list,
         );
         let (sessions, session_layer) = session_config(&mut c, args, &session_sources);
+        let any_source =
+            !session_sources.is_empty() || routes.iter().any(|r| !r.session.is_empty());
+        if session_layer.heartbeat.is_some() && !any_source {
+            c.issue(
+                "IDEMPROXY_HEARTBEAT",
+                &args.heartbeat,
+                "a session source too: set IDEMPROXY_SESSION_SOURCES or a route's session=, otherwise no session is ever learned and no heartbeat is sent",
+            );
+        }
         c.finish()?;
         let (Some(upstream), Some(listen), Some(admin_listen)) = (upstream, listen, admin_listen)
         else {
@@ -1109,6 +1185,7 @@ impl Config {
             log_format,
             retry,
             keys,
+            idempotency_cache,
             routes: Arc::new(routes),
             session_sources,
             sessions,
@@ -1199,6 +1276,24 @@ impl Config {
             (
                 "IDEMPOTENCY_KEY_MODE",
                 format!("{:?}", self.keys.mode).to_ascii_lowercase(),
+            ),
+            (
+                "IDEMPOTENCY_TTL",
+                self.idempotency_cache
+                    .as_ref()
+                    .map_or("0".into(), |c| fmt_d(c.ttl)),
+            ),
+            (
+                "IDEMPOTENCY_CACHE_ENTRIES",
+                self.idempotency_cache
+                    .as_ref()
+                    .map_or(String::new(), |c| c.max_entries.to_string()),
+            ),
+            (
+                "IDEMPOTENCY_CACHE_BYTES",
+                self.idempotency_cache
+                    .as_ref()
+                    .map_or(String::new(), |c| units::format_size(c.max_bytes as u64)),
             ),
             ("SESSION_SOURCES", join(self.session_sources.iter())),
             (

@@ -21,6 +21,10 @@
 //! # }
 //! ```
 
+mod cache;
 mod key;
 
+pub use cache::{
+    CacheConfig, CacheMetrics, IDEMPOTENT_REPLAYED, IdempotencyCache, IdempotencyCacheLayer,
+};
 pub use key::{IdempotencyKey, IdempotencyKeyLayer, IdempotencyKeyService, KeyConfig, KeyMode};
