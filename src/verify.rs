@@ -42,6 +42,7 @@ use crate::error::UpstreamError;
 use crate::idempotency::IdempotencyKey;
 use crate::policy::{RequestPolicy, SessionId};
 use crate::request_id::X_REQUEST_ID;
+use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
 
 /// `x-idemproxy-recovered`, set on a recovered answer.
@@ -105,6 +106,17 @@ impl VerifyMetrics {
     /// `idemproxy_conflicts_passed_total{reason}`.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
+        // Every reason is exported from the start, so 0 reads as 0, not as absent.
+        for reason in [
+            PassReason::Mismatch,
+            PassReason::NotFound,
+            PassReason::VerifyFailed,
+            PassReason::Undecidable,
+        ] {
+            let _ = m.passed.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            });
+        }
         registry.register(
             "idemproxy_conflicts_recovered",
             "409 answers turned into success after verification",
@@ -211,8 +223,14 @@ where
                 return Ok(resp);
             }
             let location = resp.headers().get(header::LOCATION).cloned();
+            let attempts = resp.headers().get(&ATTEMPTS_HEADER).cloned();
             match verify(&config, inner, &original, location).await {
-                Ok(recovered) => {
+                Ok(mut recovered) => {
+                    // The write's own attempts, as on any other answer.
+                    match attempts {
+                        Some(n) => recovered.headers_mut().insert(ATTEMPTS_HEADER.clone(), n),
+                        None => recovered.headers_mut().remove(&ATTEMPTS_HEADER),
+                    };
                     metrics.recovered.inc();
                     info!(
                         request_id = original
@@ -318,13 +336,27 @@ where
             headers.append(name.clone(), value.clone());
         }
     }
+    if sent.is_some() {
+        // The stored representation is compared here, not passed on: ask for
+        // it unencoded, whatever encodings the client itself accepts.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
     req.extensions_mut().insert(RequestPolicy {
         timeout: Some(remaining),
         ..Default::default()
     });
-    // Boxed for the same compiler limitation as in the classify layer.
-    let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
-    let resp = match tokio::time::timeout(remaining, fut).await {
+    let call = async move {
+        // The inner service already served the original request: make it
+        // ready again before this second call.
+        std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+        // Boxed for the same compiler limitation as in the classify layer.
+        let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+        fut.await
+    };
+    let resp = match tokio::time::timeout(remaining, call).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             warn!(error = %e, "409 verification request failed");
@@ -342,6 +374,14 @@ where
         // `exists`: the 2xx is the proof; the stored representation streams through.
         None => stored,
         Some(sent) => {
+            if parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                // Encoded despite `identity`: the bytes cannot be compared.
+                return Err(PassReason::Undecidable);
+            }
             if stored.size_hint().lower() > config.max_body as u64 {
                 return Err(PassReason::Undecidable);
             }

@@ -39,6 +39,12 @@ impl RetryMetrics {
     /// a registry without prefix).
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self::default();
+        // Every reason is exported from the start, so 0 reads as 0, not as absent.
+        for class in super::RetryClass::ALL {
+            let _ = metrics.retries.get_or_create(&ReasonLabel {
+                reason: class.as_str(),
+            });
+        }
         registry.register(
             "idemproxy_retries",
             "Retries sent upstream, by reason (Envoy retry_on word)",

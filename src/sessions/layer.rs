@@ -9,9 +9,9 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower_layer::Layer;
@@ -197,11 +197,20 @@ async fn after_response(
     mut guard: Option<InFlight>,
     resp: Response<Body>,
 ) -> Response<Body> {
+    let route = pending.classified.as_ref().and_then(|c| c.route());
     if !resp.status().is_success() {
+        // Ending a session the backend no longer knows: it is gone either way.
+        if route.is_some_and(|r| r.session_end)
+            && matches!(resp.status(), StatusCode::NOT_FOUND | StatusCode::GONE)
+        {
+            if let Some(id) = &pending.id {
+                drop(guard.take());
+                tracker.end(id, EndReason::Gone);
+            }
+        }
         // A failed response never registers a session.
         return with_guard(resp, guard);
     }
-    let route = pending.classified.as_ref().and_then(|c| c.route());
     let route_sources = route.map(|r| r.session.as_slice()).unwrap_or_default();
     let mut resp = resp;
     if pending.id.is_none() {
@@ -222,6 +231,16 @@ async fn after_response(
             };
             for source in response_sources {
                 if let Some(id) = source.from_response(resp.headers(), json_body.as_ref()) {
+                    if let SessionSourceKind::ResponseHeader(name) = source.kind() {
+                        // Later requests send the id back in this header (MCP's
+                        // `Mcp-Session-Id`); heartbeats must carry it as well.
+                        if let (false, Ok(value)) = (
+                            pending.credentials.contains_key(name),
+                            HeaderValue::from_str(&id),
+                        ) {
+                            pending.credentials.insert(name.clone(), value);
+                        }
+                    }
                     pending.id = Some(id.into());
                     pending.source = Some(source.label().into());
                     break;

@@ -111,7 +111,7 @@ pub struct SessionConfig {
     /// the oldest activity that has no request in flight. Default 10 000.
     pub max_sessions: usize,
     /// The most heartbeat requests per second sent to the upstream, retries
-    /// included. Default 50; 0 means no limit.
+    /// included. Default 500; 0 means no limit.
     pub max_per_sec: u32,
     /// A JSON field path (`["result", "TTL"]`; array indexes as numeric
     /// segments) that a live `2xx` heartbeat answer must contain with a
@@ -130,7 +130,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             max_failures: 3,
             max_sessions: 10_000,
-            max_per_sec: 50,
+            max_per_sec: 500,
             alive_field: None,
             request_timeout: Duration::from_secs(5),
         }
