@@ -89,6 +89,9 @@ pub struct Options {
     /// Seed for the fault RNG, for reproducible runs (unset: random).
     #[arg(long, env = "SESSION_BACKEND_SEED")]
     pub seed: Option<u64>,
+    /// Do not print a line per injected fault (the counts stay in /stats).
+    #[arg(long, env = "SESSION_BACKEND_QUIET")]
+    pub quiet: bool,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             reset_rate: 0.0,
             latency: Duration::ZERO,
             seed: None,
+            quiet: false,
         }
     }
 }
@@ -243,6 +247,7 @@ pub struct Backend {
 struct Inner {
     ttl: Duration,
     latency: Duration,
+    quiet: bool,
     faults: Faults,
     state: Mutex<State>,
 }
@@ -258,6 +263,7 @@ impl Backend {
                 // Capped so that `Instant + ttl` cannot overflow on an absurd --session-ttl.
                 ttl: opts.session_ttl.min(MAX_TTL),
                 latency: opts.latency,
+                quiet: opts.quiet,
                 faults: Faults::new(opts),
                 state: Mutex::new(State::default()),
             }),
@@ -362,10 +368,12 @@ impl Backend {
                 Fault::StoreThenDrop => st.stats.faults.store_then_drop += 1,
                 Fault::Reset => st.stats.faults.reset += 1,
             }
-            eprintln!(
-                "session_backend: injected {fault:?} on {} {path}",
-                parts.method
-            );
+            if !self.inner.quiet {
+                eprintln!(
+                    "session_backend: injected {fault:?} on {} {path}",
+                    parts.method
+                );
+            }
         }
         if fault == Some(Fault::Reset) {
             return drop_connection(abort).await; // before reading the body: may reset the TCP stream
