@@ -12,7 +12,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::proxy::{Proxy, RemoteAddr};
@@ -77,15 +77,34 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let open = proxy.metrics().connections_open.clone();
         let conn_proxy = proxy.clone();
+        // hyper's header read timeout only starts once the protocol is detected, so a
+        // client that sends nothing (or half an h2 preface) would hold its connection
+        // slot forever: its first request must arrive within the header read timeout.
+        let first_request = Arc::new(Notify::new());
+        let arrived = first_request.clone();
         let svc = service_fn(move |mut req| {
+            arrived.notify_one();
             req.extensions_mut().insert(RemoteAddr(remote));
             conn_proxy.serve(req)
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn.into_owned());
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             open.inc();
-            if let Err(e) = conn.await {
+            let served = async {
+                tokio::pin!(conn);
+                let first = tokio::time::timeout(header_read_timeout, first_request.notified());
+                tokio::select! {
+                    result = &mut conn => return result,
+                    in_time = first => if in_time.is_err() {
+                        debug!(%remote, "no request within the header read timeout; closing");
+                        return Ok(());
+                    },
+                }
+                conn.await
+            };
+            if let Err(e) = served.await {
                 debug!(%remote, error = %e, "client connection ended with an error");
             }
             open.dec();

@@ -39,7 +39,9 @@ pub enum ClientBuildError {
         detail: String,
     },
     /// rustls refused the configuration (e.g. key does not match certificate).
-    #[error("TLS configuration rejected: {0}")]
+    #[error(
+        "the TLS configuration was rejected (check IDEMPROXY_UPSTREAM_CLIENT_CERT and IDEMPROXY_UPSTREAM_CLIENT_KEY belong together): {0}"
+    )]
     Tls(#[from] rustls::Error),
     /// No trusted roots at all.
     #[error(
@@ -94,12 +96,16 @@ impl UpstreamService {
         &self.upstream
     }
 
-    fn absolute_uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(pq.map_or("/", |pq| pq.as_str()))
-            .build()
+    /// The upstream's scheme and authority in front of the request's path and
+    /// query, which moves over as it is (no re-parsing, no copy).
+    fn absolute_uri(&self, uri: Uri) -> Result<Uri, http::uri::InvalidUriParts> {
+        let mut parts = uri.into_parts();
+        parts.scheme = Some(self.upstream.scheme.clone());
+        parts.authority = Some(self.upstream.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        Uri::from_parts(parts)
     }
 }
 
@@ -113,15 +119,20 @@ impl tower_service::Service<Request<Body>> for UpstreamService {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let uri = self.absolute_uri(req.uri().path_and_query());
-        let client = self.client.clone();
         let connect_timeout = self.connect_timeout;
+        match self.absolute_uri(std::mem::take(req.uri_mut())) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => return Box::pin(std::future::ready(Err(UpstreamError::Other(e.into())))),
+        }
+        // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); a client's
+        // h2c request must not force HTTP/2 onto an HTTP/1.1 upstream.
+        *req.version_mut() = Version::HTTP_11;
+        // `request` clones the client into its own (lazy) future: calling it
+        // here instead of inside ours saves a second clone of the whole
+        // client per request and keeps our future small.
+        let response = self.client.request(req);
         Box::pin(async move {
-            *req.uri_mut() = uri.map_err(|e| UpstreamError::Other(e.into()))?;
-            // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); a client's
-            // h2c request must not force HTTP/2 onto an HTTP/1.1 upstream.
-            *req.version_mut() = Version::HTTP_11;
-            match client.request(req).await {
+            match response.await {
                 Ok(resp) => Ok(resp.map(body::boxed)),
                 Err(e) => Err(classify(e, connect_timeout)),
             }
@@ -135,8 +146,19 @@ fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -
     let mut timed_out = false;
     let mut reset = false;
     let mut user = false;
+    let mut tls = false;
     while let Some(e) = source {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            tls = true;
+        }
         if let Some(io) = e.downcast_ref::<io::Error>() {
+            // rustls errors travel inside io::Error, whose source() skips them.
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                tls = true;
+            }
             match io.kind() {
                 io::ErrorKind::TimedOut => timed_out = true,
                 io::ErrorKind::ConnectionReset
@@ -156,18 +178,50 @@ fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -
         }
         source = e.source();
     }
-    if err.is_connect() {
-        if timed_out {
+    let err = Box::new(WithCauses(err));
+    if err.0.is_connect() {
+        if tls {
+            UpstreamError::Tls(err)
+        } else if timed_out {
             UpstreamError::ConnectTimeout(connect_timeout)
         } else {
-            UpstreamError::Connect(err.into())
+            UpstreamError::Connect(err)
         }
     } else if user {
-        UpstreamError::RequestBody(err.into())
+        UpstreamError::RequestBody(err)
     } else if reset {
-        UpstreamError::Reset(err.into())
+        UpstreamError::Reset(err)
     } else {
-        UpstreamError::Other(err.into())
+        UpstreamError::Other(err)
+    }
+}
+
+/// A client error whose message also names its causes: hyper-util's own stops
+/// at "client error (Connect)", which hides e.g. a refused certificate from the
+/// client's error detail and from the logs.
+#[derive(Debug)]
+struct WithCauses(hyper_util::client::legacy::Error);
+
+impl std::fmt::Display for WithCauses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            let cause = e.to_string();
+            // io::Error repeats its inner error's message: name each cause once.
+            if !text.contains(&cause) {
+                text.push_str(": ");
+                text.push_str(&cause);
+            }
+            source = e.source();
+        }
+        f.write_str(&text)
+    }
+}
+
+impl StdError for WithCauses {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
     }
 }
 
