@@ -596,9 +596,15 @@ impl fmt::Display for ConfigIssue {
             .trim_start_matches("IDEMPROXY_")
             .to_ascii_lowercase()
             .replace('_', "-");
+        // Some parsers already phrase their message as "expected ..." or name the bad word.
+        let lead = if self.expected.contains("expected") {
+            ""
+        } else {
+            "expected "
+        };
         write!(
             f,
-            "invalid {} (--{flag}) {:?}: expected {}",
+            "invalid {} (--{flag}) {:?}: {lead}{}",
             self.variable, self.value, self.expected
         )
     }

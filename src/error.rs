@@ -18,6 +18,10 @@ pub enum UpstreamError {
     /// The TCP connection or TLS handshake failed (refused, unreachable, bad certificate).
     #[error("could not connect to the upstream: {0}")]
     Connect(#[source] BoxError),
+    /// The TLS handshake with the upstream failed (certificate not trusted,
+    /// name mismatch, client certificate refused). Not transient: never retried.
+    #[error("TLS handshake with the upstream failed: {0}")]
+    Tls(#[source] BoxError),
     /// The TCP connect did not finish in time.
     #[error("connecting to the upstream timed out after {0:?}")]
     ConnectTimeout(Duration),
@@ -48,6 +52,7 @@ impl UpstreamError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
+            Self::Tls(_) => "tls",
             Self::ConnectTimeout(_) => "connect_timeout",
             Self::Reset(_) => "reset",
             Self::Timeout(_) => "timeout",

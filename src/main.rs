@@ -38,7 +38,11 @@ fn main() -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "idemproxy cannot start");
                 eprintln!("idemproxy: {e}");
-                return ExitCode::FAILURE;
+                // Unusable TLS material is a configuration error, like a bad value.
+                return match e {
+                    idemproxy::app::StartError::Client(_) => ExitCode::from(2),
+                    _ => ExitCode::FAILURE,
+                };
             }
         };
         shutdown_signal().await;

@@ -187,6 +187,7 @@ pub fn classify_error(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> 
         UpstreamError::Reset(_) => RetryClass::Reset,
         UpstreamError::Timeout(_) => RetryClass::Timeout,
         UpstreamError::RequestBody(_)
+        | UpstreamError::Tls(_)
         | UpstreamError::Other(_)
         | UpstreamError::Exhausted { .. } => {
             return None;
