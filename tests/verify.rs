@@ -6,21 +6,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
 /// Flags that make retries fast: 1 ms backoff base, 5 ms max.
 const FAST: [&str; 4] = ["--backoff-base", "1ms", "--backoff-max", "5ms"];
@@ -28,121 +20,6 @@ const FAST: [&str; 4] = ["--backoff-base", "1ms", "--backoff-max", "5ms"];
 const PUT_SAME: &str = "PUT /db/{doc} verify=same";
 const POST_ENTRIES: &str =
     "POST /v1/sessions/{sid}/entries verify=GET:/v1/sessions/{sid}/entries/{body.uuid}";
-
-// ---------------------------------------------------------------------------
-// A scripted upstream that can also drop the connection without answering
-// ---------------------------------------------------------------------------
-
-/// What the scripted upstream does with one request.
-enum Act {
-    /// Send this response.
-    Reply(Response<Body>),
-    /// Close the connection without sending a byte of a response (the whole
-    /// request was read, and acted on, first): "store then drop".
-    Drop,
-    /// Never answer.
-    Hang,
-}
-
-/// A hyper HTTP/1.1 upstream that reads each request completely, records it
-/// (head and body) and lets an async handler decide what to do. Stops
-/// accepting when dropped.
-struct Scripted {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Recorded>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Scripted {
-    async fn start<H, F>(handler: H) -> Scripted
-    where
-        H: Fn(Request<Bytes>) -> F + Send + Sync + 'static,
-        F: Future<Output = Act> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let handler = Arc::new(handler);
-        let recorder = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_scripted(stream, handler.clone(), recorder.clone()));
-            }
-        });
-        Scripted { addr, seen, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Every request so far.
-    fn seen(&self) -> Vec<Recorded> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Every request with this method so far.
-    fn seen_with(&self, method: Method) -> Vec<Recorded> {
-        self.seen()
-            .into_iter()
-            .filter(|r| r.method == method)
-            .collect()
-    }
-
-    /// "METHOD path-and-query" of every request so far.
-    fn lines(&self) -> Vec<String> {
-        self.seen()
-            .iter()
-            .map(|r| format!("{} {}", r.method, r.uri))
-            .collect()
-    }
-}
-
-async fn serve_scripted<H, F>(stream: TcpStream, handler: Arc<H>, seen: Arc<Mutex<Vec<Recorded>>>)
-where
-    H: Fn(Request<Bytes>) -> F + Send + Sync + 'static,
-    F: Future<Output = Act> + Send + 'static,
-{
-    let abort = Arc::new(Notify::new());
-    let on_drop = abort.clone();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (handler, seen, abort) = (handler.clone(), seen.clone(), on_drop.clone());
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = match body.collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(_) => Bytes::new(),
-            };
-            seen.lock().unwrap().push(Recorded {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                version: parts.version,
-                headers: parts.headers.clone(),
-                body: Some(bytes.clone()),
-            });
-            match handler(Request::from_parts(parts, bytes)).await {
-                Act::Reply(resp) => Ok::<_, Infallible>(resp),
-                Act::Drop => {
-                    abort.notify_one();
-                    std::future::pending().await
-                }
-                Act::Hang => std::future::pending().await,
-            }
-        }
-    });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-    tokio::select! {
-        _ = conn => {}
-        () = abort.notified() => {}
-    }
-}
 
 // ---------------------------------------------------------------------------
 // A document store behind the scripted upstream
@@ -244,9 +121,9 @@ impl Store {
     }
 
     /// A scripted upstream serving this store.
-    async fn serve(&self) -> Scripted {
+    async fn serve(&self) -> Upstream {
         let store = self.clone();
-        Scripted::start(move |req| {
+        Upstream::scripted(move |req, _n| {
             let act = store.handle(&req);
             async move { act }
         })
@@ -263,7 +140,7 @@ fn json_response(status: u16, body: impl Into<Bytes>) -> Response<Body> {
 
 /// Starts a proxy in front of `upstream` with the route table `routes` and
 /// fast backoffs, plus `extra` flags.
-async fn proxy_with(upstream: &Scripted, routes: &str, extra: &[&str]) -> TestProxy {
+async fn proxy_with(upstream: &Upstream, routes: &str, extra: &[&str]) -> TestProxy {
     let mut argv: Vec<&str> = FAST.to_vec();
     argv.extend_from_slice(&["--routes", routes]);
     argv.extend_from_slice(extra);
@@ -335,7 +212,10 @@ async fn put_stored_then_dropped_is_recovered_with_the_stored_document() {
     assert_eq!(resp.bytes().await.unwrap(), doc.as_bytes());
     assert_eq!(store.len(), 1);
     assert_eq!(store.get("/db/d1").unwrap(), doc.as_bytes());
-    assert_eq!(upstream.lines(), ["PUT /db/d1", "PUT /db/d1", "GET /db/d1"]);
+    assert_eq!(
+        upstream.requests.lines(),
+        ["PUT /db/d1", "PUT /db/d1", "GET /db/d1"]
+    );
     let metrics = proxy.metrics().await;
     assert_eq!(
         metric_value(&metrics, "idemproxy_conflicts_recovered_total"),
@@ -359,7 +239,7 @@ async fn post_stored_then_dropped_is_recovered_through_the_body_template() {
     assert_eq!(resp.bytes().await.unwrap(), entry.as_bytes());
     assert_eq!(store.len(), 1);
     assert_eq!(
-        upstream.lines(),
+        upstream.requests.lines(),
         [
             "POST /v1/sessions/s1/entries",
             "POST /v1/sessions/s1/entries",
@@ -400,7 +280,7 @@ async fn real_conflict_passes_through_unchanged() {
     let proxy = proxy_with(&upstream, PUT_SAME, &[]).await;
     let resp = put_doc(&proxy, "d1", r#"{"title":"mine","n":1}"#).await;
     assert_original_409(resp, "/db/d1").await;
-    assert_eq!(upstream.lines(), ["PUT /db/d1", "GET /db/d1"]);
+    assert_eq!(upstream.requests.lines(), ["PUT /db/d1", "GET /db/d1"]);
     assert_eq!(store.get("/db/d1").unwrap(), r#"{"title":"theirs","n":1}"#);
     let metrics = proxy.metrics().await;
     assert_eq!(
@@ -454,7 +334,7 @@ async fn verify_location_follows_only_the_upstreams_own_location() {
     let doc = r#"{"name":"t"}"#;
     let location = Arc::new(Mutex::new(String::from("/v1/things/t-9")));
     let target = location.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let location = target.lock().unwrap().clone();
         async move {
             Act::Reply(if req.method() == Method::POST {
@@ -493,7 +373,7 @@ async fn verify_location_follows_only_the_upstreams_own_location() {
     assert_eq!(resp.status(), 409);
     assert_eq!(resp.bytes().await.unwrap(), CONFLICT_BODY.as_bytes());
     assert_eq!(
-        upstream.lines(),
+        upstream.requests.lines(),
         [
             "POST /v1/things",
             "GET /v1/things/t-9",
@@ -528,7 +408,7 @@ async fn match_exists_recovers_on_any_stored_document() {
     let resp = put_doc(&proxy, "d2", "{}").await;
     assert_eq!(resp.status(), 201);
     let store2 = Store::default();
-    let upstream2 = Scripted::start(move |req| {
+    let upstream2 = Upstream::scripted(move |req, _n| {
         let act = if req.method() == Method::GET {
             Act::Reply(json_response(404, "{}"))
         } else {
@@ -580,7 +460,7 @@ async fn verification_answered_503_is_retried_then_recovers() {
     let gets = Arc::new(AtomicUsize::new(0));
     let backend = store.clone();
     let counter = gets.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let act = if req.method() == Method::GET && counter.fetch_add(1, Ordering::SeqCst) == 0 {
             Act::Reply(json_response(503, r#"{"error":"busy"}"#))
         } else {
@@ -598,7 +478,7 @@ async fn verification_answered_503_is_retried_then_recovers() {
     assert_eq!(resp.bytes().await.unwrap(), entry.as_bytes());
     // The write was sent once: the read's two attempts are not the client's.
     assert_eq!(resp_attempts, None);
-    assert_eq!(upstream.seen_with(Method::GET).len(), 2);
+    assert_eq!(upstream.requests.with_method(Method::GET).len(), 2);
     assert_eq!(store.len(), 1);
 }
 
@@ -611,7 +491,7 @@ async fn impossible_verification_passes_the_original_409() {
     // 404.
     let store = Store::default();
     let backend = store.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let act = if req.method() == Method::GET {
             Act::Reply(json_response(404, r#"{"error":"not found"}"#))
         } else {
@@ -623,7 +503,7 @@ async fn impossible_verification_passes_the_original_409() {
     store.insert("/db/d1", "{}");
     let proxy = proxy_with(&upstream, PUT_SAME, &[]).await;
     assert_original_409(put_doc(&proxy, "d1", "{}").await, "/db/d1").await;
-    assert_eq!(upstream.lines(), ["PUT /db/d1", "GET /db/d1"]);
+    assert_eq!(upstream.requests.lines(), ["PUT /db/d1", "GET /db/d1"]);
     let metrics = proxy.metrics().await;
     assert_eq!(
         metric_value(
@@ -638,7 +518,7 @@ async fn impossible_verification_passes_the_original_409() {
     let store = Store::default();
     store.insert("/db/d1", "{}");
     let backend = store.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let act = if req.method() == Method::GET {
             Act::Hang
         } else {
@@ -656,12 +536,12 @@ async fn impossible_verification_passes_the_original_409() {
         elapsed < Duration::from_millis(800),
         "answered after {elapsed:?}"
     );
-    assert_eq!(upstream.seen_with(Method::GET).len(), 1);
+    assert_eq!(upstream.requests.with_method(Method::GET).len(), 1);
 
     // No `uuid` in the body: the template cannot be filled.
     let store = Store::default();
     let backend = store.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let act = if req.method() == Method::POST {
             Act::Reply(json_response(409, CONFLICT_BODY))
         } else {
@@ -674,7 +554,7 @@ async fn impossible_verification_passes_the_original_409() {
     let resp = post_entry(&proxy, "s1", r#"{"id":"e-1"}"#).await;
     assert_eq!(resp.status(), 409);
     assert_eq!(resp.bytes().await.unwrap(), CONFLICT_BODY.as_bytes());
-    assert_eq!(upstream.lines(), ["POST /v1/sessions/s1/entries"]);
+    assert_eq!(upstream.requests.lines(), ["POST /v1/sessions/s1/entries"]);
 }
 
 /// Hostile `{body.uuid}` values and session ids stay inside one path
@@ -682,7 +562,7 @@ async fn impossible_verification_passes_the_original_409() {
 /// is checked, and a value that cannot be one segment (`..`) sends no read.
 #[tokio::test]
 async fn injected_values_never_leave_the_template_path() {
-    let upstream = Scripted::start(|req| async move {
+    let upstream = Upstream::scripted(|req, _n| async move {
         Act::Reply(if req.method() == Method::POST {
             json_response(409, CONFLICT_BODY)
         } else {
@@ -711,12 +591,12 @@ async fn injected_values_never_leave_the_template_path() {
         ),
     ];
     for (sid, uuid, expected) in cases {
-        let before = upstream.seen().len();
+        let before = upstream.requests.len();
         let doc = serde_json::json!({ "uuid": uuid }).to_string();
         let resp = post_entry(&proxy, sid, &doc).await;
         assert_eq!(resp.status(), 409, "{uuid:?}");
         assert_eq!(resp.bytes().await.unwrap(), CONFLICT_BODY.as_bytes());
-        let seen = upstream.seen();
+        let seen = upstream.requests.all();
         let reads: Vec<String> = seen[before..]
             .iter()
             .filter(|r| r.method == Method::GET)
@@ -762,7 +642,7 @@ async fn verification_carries_credentials_but_not_body_headers() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let gets = upstream.seen_with(Method::GET);
+    let gets = upstream.requests.with_method(Method::GET);
     assert_eq!(gets.len(), 2);
     let (put_read, post_read) = (&gets[0], &gets[1]);
     assert_eq!(
@@ -788,9 +668,9 @@ async fn verification_carries_credentials_but_not_body_headers() {
         assert_eq!(read.body.as_deref(), Some(&b""[..]));
     }
     // The writes themselves did carry their keys.
-    let posts = upstream.seen_with(Method::POST);
+    let posts = upstream.requests.with_method(Method::POST);
     assert!(posts[0].header("idempotency-key").is_some());
-    let puts = upstream.seen_with(Method::PUT);
+    let puts = upstream.requests.with_method(Method::PUT);
     assert_eq!(puts[0].header("idempotency-key"), Some("client-key-1"));
 }
 
@@ -826,7 +706,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 async fn verification_compares_the_document_even_when_the_client_accepts_gzip() {
     let store = Store::dropping_first_write();
     let backend = store.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let gzip_ok = req
             .headers()
             .get("accept-encoding")
@@ -859,7 +739,7 @@ async fn verification_compares_the_document_even_when_the_client_accepts_gzip() 
     assert_eq!(resp.bytes().await.unwrap(), entry.as_bytes());
     assert_eq!(store.len(), 1);
     // The write itself still carried what the client accepts.
-    let posts = upstream.seen_with(Method::POST);
+    let posts = upstream.requests.with_method(Method::POST);
     assert_eq!(posts[0].header("accept-encoding"), Some("gzip, deflate"));
 }
 
@@ -871,7 +751,7 @@ async fn verification_compares_the_document_even_when_the_client_accepts_gzip() 
 /// gets none; two POSTs get different keys.
 #[tokio::test]
 async fn post_gets_an_idempotency_key_and_get_does_not() {
-    let upstream = Scripted::start(|_req| async { Act::Reply(response(201, "ok")) }).await;
+    let upstream = Upstream::scripted(|_req, _n| async { Act::Reply(response(201, "ok")) }).await;
     let proxy = TestProxy::start(&upstream.url(), &[]).await;
     for _ in 0..2 {
         let resp = client()
@@ -883,7 +763,7 @@ async fn post_gets_an_idempotency_key_and_get_does_not() {
         assert_eq!(resp.status(), 201);
     }
     client().get(proxy.url("/v1/things")).send().await.unwrap();
-    let seen = upstream.seen();
+    let seen = upstream.requests.all();
     let keys: Vec<&str> = seen[..2]
         .iter()
         .map(|r| r.header("idempotency-key").expect("a key on POST"))
@@ -899,7 +779,7 @@ async fn post_gets_an_idempotency_key_and_get_does_not() {
 /// A key the client sent reaches the upstream unchanged, and only once.
 #[tokio::test]
 async fn client_idempotency_key_is_preserved() {
-    let upstream = Scripted::start(|_req| async { Act::Reply(response(201, "ok")) }).await;
+    let upstream = Upstream::scripted(|_req, _n| async { Act::Reply(response(201, "ok")) }).await;
     let proxy = TestProxy::start(&upstream.url(), &[]).await;
     client()
         .post(proxy.url("/v1/things"))
@@ -908,7 +788,7 @@ async fn client_idempotency_key_is_preserved() {
         .send()
         .await
         .unwrap();
-    let seen = upstream.seen();
+    let seen = upstream.requests.all();
     assert_eq!(seen[0].header_all("idempotency-key"), ["my-own key/1"]);
 }
 
@@ -916,7 +796,7 @@ async fn client_idempotency_key_is_preserved() {
 #[tokio::test]
 async fn idempotency_key_is_identical_across_attempts() {
     let n = Arc::new(AtomicUsize::new(0));
-    let upstream = Scripted::start(move |_req| {
+    let upstream = Upstream::scripted(move |_req, _n| {
         let status = if n.fetch_add(1, Ordering::SeqCst) < 2 {
             503
         } else {
@@ -934,7 +814,7 @@ async fn idempotency_key_is_identical_across_attempts() {
         .unwrap();
     assert_eq!(resp.status(), 201);
     assert_eq!(resp.headers()["x-idemproxy-attempts"], "3");
-    let seen = upstream.seen();
+    let seen = upstream.requests.all();
     assert_eq!(seen.len(), 3);
     let keys: Vec<Vec<&str>> = seen
         .iter()
@@ -949,7 +829,7 @@ async fn idempotency_key_is_identical_across_attempts() {
 /// carry the same key; another body or path carries another.
 #[tokio::test]
 async fn fingerprint_keys_are_stable_across_identical_requests() {
-    let upstream = Scripted::start(|_req| async { Act::Reply(response(201, "ok")) }).await;
+    let upstream = Upstream::scripted(|_req, _n| async { Act::Reply(response(201, "ok")) }).await;
     let proxy = TestProxy::start(&upstream.url(), &["--idempotency-key-mode", "fingerprint"]).await;
     for (path, body) in [
         ("/v1/sessions/s1/entries", r#"{"uuid":"a"}"#),
@@ -966,7 +846,7 @@ async fn fingerprint_keys_are_stable_across_identical_requests() {
             .unwrap();
         assert_eq!(resp.status(), 201);
     }
-    let seen = upstream.seen();
+    let seen = upstream.requests.all();
     let keys: Vec<&str> = seen
         .iter()
         .map(|r| r.header("idempotency-key").expect("a key"))
@@ -987,7 +867,7 @@ async fn key_header_name_and_route_options_are_honoured() {
     let store = Store::default();
     store.insert("/db/d1", r#"{"a":1}"#);
     let backend = store.clone();
-    let upstream = Scripted::start(move |req| {
+    let upstream = Upstream::scripted(move |req, _n| {
         let act = match req.uri().path() {
             "/v1/raw" | "/v1/other" => Act::Reply(response(201, "ok")),
             _ => backend.handle(&req),
@@ -1013,7 +893,7 @@ async fn key_header_name_and_route_options_are_honoured() {
     let resp = put_doc(&proxy, "d1", r#"{"a":1}"#).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(recovered(&resp), Some("409"));
-    let seen = upstream.seen();
+    let seen = upstream.requests.all();
     let keyed: Vec<(String, bool)> = seen
         .iter()
         .map(|r| {
@@ -1055,7 +935,7 @@ async fn h2c_client_write_is_recovered() {
     assert_eq!(recovered(&resp), Some("409"));
     assert_eq!(resp.bytes().await.unwrap(), entry.as_bytes());
     assert_eq!(store.len(), 1);
-    let gets = upstream.seen_with(Method::GET);
+    let gets = upstream.requests.with_method(Method::GET);
     assert_eq!(gets.len(), 1);
     assert_eq!(gets[0].uri, "/v1/sessions/s1/entries/e-h2");
     assert_eq!(gets[0].header("authorization"), Some("Bearer h2"));

@@ -1,5 +1,5 @@
-//! Shared helpers for the integration tests: scripted upstreams (hyper-based
-//! and raw-socket), an in-process proxy, clients, raw HTTP/1.1 exchanges,
+//! Shared helpers for the integration tests: scripted upstreams (hyper-based,
+//! HTTP/1.1 with connection drops, and raw-socket), an in-process proxy, clients, raw HTTP/1.1 exchanges,
 //! a throwaway PKI and memory measurement.
 //!
 //! Everything binds `127.0.0.1:0`; everything that waits is bounded by
@@ -227,9 +227,15 @@ pub struct Requests {
 }
 
 impl Requests {
-    fn push(&self, r: Recorded) {
-        self.list.lock().unwrap().push(r);
+    /// Records `r` and returns its arrival number (0 for the first).
+    fn push(&self, r: Recorded) -> usize {
+        let n = {
+            let mut list = self.list.lock().unwrap();
+            list.push(r);
+            list.len() - 1
+        };
         self.arrived.notify_waiters();
+        n
     }
 
     /// A snapshot of every request so far.
@@ -245,6 +251,22 @@ impl Requests {
     /// Whether no request arrived.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every request with this method so far.
+    pub fn with_method(&self, method: Method) -> Vec<Recorded> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.method == method)
+            .collect()
+    }
+
+    /// "METHOD path-and-query" of every request so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.all()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.uri))
+            .collect()
     }
 
     /// The latest request; panics if there is none.
@@ -401,6 +423,90 @@ impl Upstream {
     /// TCP connections accepted so far (a pooled proxy reuses them).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scripted upstream (hyper, HTTP/1.1) that can also drop a connection unanswered
+// ---------------------------------------------------------------------------
+
+/// What an [`Upstream::scripted`] handler does with one request.
+pub enum Act {
+    /// Send this response.
+    Reply(Response<Body>),
+    /// Close the connection without sending a byte of a response (the whole
+    /// request was read, and acted on, first): the proxy sees a reset before
+    /// headers ("store then drop").
+    Drop,
+    /// Never answer.
+    Hang,
+}
+
+impl Upstream {
+    /// Starts a plain HTTP/1.1 upstream that reads each request completely,
+    /// records it with [`Recorded::body`] set, and lets `handler` decide what
+    /// to do; the handler also gets the request's arrival number (0 for the
+    /// first). A body that fails to read is recorded as empty.
+    pub async fn scripted<H, F>(handler: H) -> Upstream
+    where
+        H: Fn(Request<Bytes>, usize) -> F + Send + Sync + 'static,
+        F: Future<Output = Act> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Requests::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let (recorder, counter) = (requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_scripted(stream, handler.clone(), recorder.clone()));
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            connections,
+            tls: false,
+            _task: AbortOnDrop(task),
+        }
+    }
+}
+
+/// Serves one connection of an [`Upstream::scripted`].
+async fn serve_scripted<H, F>(stream: TcpStream, handler: Arc<H>, requests: Requests)
+where
+    H: Fn(Request<Bytes>, usize) -> F + Send + Sync + 'static,
+    F: Future<Output = Act> + Send + 'static,
+{
+    let abort = Arc::new(Notify::new());
+    let on_drop = abort.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (handler, requests, abort) = (handler.clone(), requests.clone(), on_drop.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = match body.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let req = Request::from_parts(parts, bytes);
+            let n = requests.push(Recorded::head(&req, Some(req.body().clone())));
+            match handler(req, n).await {
+                Act::Reply(resp) => Ok::<_, Infallible>(resp),
+                Act::Drop => {
+                    abort.notify_one();
+                    std::future::pending().await
+                }
+                Act::Hang => std::future::pending().await,
+            }
+        }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = conn => {}
+        () = abort.notified() => {}
     }
 }
 
