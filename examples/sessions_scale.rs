@@ -98,7 +98,7 @@ fn main() {
     // On the worker thread, as in the proxy: sessions are registered by
     // request tasks and heartbeated by a spawned task, never on `main`.
     runtime
-        .block_on(tokio::spawn(measure(sessions, interval, run)))
+        .block_on(runtime.spawn(measure(sessions, interval, run)))
         .expect("the measurement task");
 }
 
