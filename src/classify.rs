@@ -146,10 +146,10 @@ async fn classify(
     } else {
         (body, None)
     };
-    let captures = matched
-        .as_ref()
-        .map(|m| m.captures.clone())
-        .unwrap_or_default();
+    let (index, captures) = match matched {
+        Some(m) => (Some(m.index), m.captures),
+        None => (None, Captures::default()),
+    };
     let json = buffered.as_ref().and_then(BufferedBody::json);
     let session = route
         .into_iter()
@@ -160,12 +160,12 @@ async fn classify(
     if let Some(id) = session {
         parts.extensions.insert(SessionId(id.into()));
     }
-    if let Some(m) = &matched {
-        debug!(route = m.route.line_number, "classified");
-        parts.extensions.insert(m.route.policy());
+    if let (Some(route), Some(index)) = (route, index) {
+        debug!(route = route.line_number, "classified");
+        parts.extensions.insert(route.policy());
         parts.extensions.insert(Classified {
             table: config.table.clone(),
-            index: m.index,
+            index,
             captures,
         });
     }

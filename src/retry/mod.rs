@@ -301,7 +301,16 @@ where
     shared.budget.deposit();
     let (head, body) = req.into_parts();
     let (first, replay) = ReplayBody::new(body, config.max_replay_body, shared.memory.clone());
-    let mut request = Request::from_parts(head.clone(), body::boxed(first));
+    // What a retry resends: the request line and headers. The extensions (the
+    // layers' notes to each other) go with the first attempt only; the upstream
+    // client reads none of them, and cloning them costs an allocation each.
+    let resend = (
+        head.method.clone(),
+        head.uri.clone(),
+        head.version,
+        head.headers.clone(),
+    );
+    let mut request = Request::from_parts(head, body::boxed(first));
     let mut attempts: u32 = 0;
 
     let outcome = loop {
@@ -342,7 +351,11 @@ where
         }
         shared.metrics.retried(reason);
         drop(result);
-        request = Request::from_parts(head.clone(), body::boxed(replay.body()));
+        request = Request::new(body::boxed(replay.body()));
+        *request.method_mut() = resend.0.clone();
+        *request.uri_mut() = resend.1.clone();
+        *request.version_mut() = resend.2;
+        *request.headers_mut() = resend.3.clone();
     };
 
     // The decision is over: free the copy even if the transport still holds
