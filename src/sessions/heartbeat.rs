@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::time::{Instant, timeout_at};
 use tower::ServiceExt;
 
-use super::HeartbeatSpec;
+use super::compact::{Beat, Credentials};
 use crate::body::{self, Body};
 use crate::error::UpstreamError;
 
@@ -59,30 +59,29 @@ impl Judgement {
 /// Builds the heartbeat request: path-and-query URI, copied credentials, the
 /// spec's headers (replacing credentials of the same name), a JSON content
 /// type when there is a body, and a fresh `x-request-id` (also returned).
-pub(super) fn build_request(
-    spec: &HeartbeatSpec,
-    credentials: &[(HeaderName, HeaderValue)],
-) -> (Request<Body>, String) {
-    let body = match &spec.body {
+pub(super) fn build_request(beat: &Beat, credentials: &Credentials) -> (Request<Body>, String) {
+    let spec_body = beat.body();
+    let body = match &spec_body {
         Some(bytes) => body::full(bytes.clone()),
         None => body::empty(),
     };
+    let common = &*beat.common;
     let mut req = Request::new(body);
-    *req.method_mut() = spec.method.clone();
-    *req.uri_mut() = Uri::from(spec.path_and_query.clone());
+    *req.method_mut() = common.method.clone();
+    *req.uri_mut() = Uri::from(beat.path_and_query());
     let headers = req.headers_mut();
-    for (name, value) in credentials {
-        headers.append(name.clone(), value.clone());
+    for (name, value) in credentials.headers() {
+        headers.append(name, value);
     }
-    for name in spec.set_headers.keys() {
+    for name in common.set_headers.keys() {
         headers.remove(name);
     }
-    for (name, value) in &spec.set_headers {
+    for (name, value) in &common.set_headers {
         let mut value = value.clone();
         value.set_sensitive(true);
         headers.append(name.clone(), value);
     }
-    if spec.body.is_some() {
+    if spec_body.is_some() {
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

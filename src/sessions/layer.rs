@@ -18,7 +18,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::{debug, warn};
 
-use super::{EndReason, HeartbeatSpec, InFlight, Registration, SessionTracker};
+use super::compact::Credentials;
+use super::tracker::NewCredentials;
+use super::{EndReason, HeartbeatSpec, InFlight, SessionTracker};
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
@@ -89,7 +91,11 @@ struct Pending {
     source: Option<Arc<str>>,
     classified: Option<Classified>,
     query: Option<String>,
+    /// The request's credentials headers, unless `known` holds them.
     credentials: HeaderMap,
+    /// The session's stored credentials, when they were exactly the
+    /// request's as it was sent.
+    known: Option<Credentials>,
 }
 
 impl<S> Service<Request<Body>> for Sessions<S>
@@ -138,8 +144,19 @@ where
                 .find(|s| s.from_request(captures, req.headers(), json).as_deref() == Some(id))
                 .map(|s| Arc::<str>::from(s.label()))
         });
+        let pairs = || credential_pairs(&self.config, req.headers(), route_sources);
+        // Usually the session is known and its credentials unchanged: then
+        // nothing is copied (nor allocated).
+        let known = id
+            .as_deref()
+            .and_then(|id| self.tracker.same_credentials(id, pairs()));
+        let credentials = match known {
+            Some(_) => HeaderMap::new(),
+            None => copy_credentials(pairs()),
+        };
         let pending = Pending {
-            credentials: copy_credentials(&self.config, req.headers(), route_sources),
+            credentials,
+            known,
             id,
             source,
             classified,
@@ -161,31 +178,46 @@ where
 
 static EMPTY_CAPTURES: std::sync::LazyLock<Captures> = std::sync::LazyLock::new(Captures::new);
 
-fn copy_credentials(
-    config: &SessionLayerConfig,
-    headers: &HeaderMap,
-    route_sources: Option<&[SessionSource]>,
+/// The `Cookie` header, as a `'static` reference.
+static COOKIE: HeaderName = header::COOKIE;
+
+/// The credentials headers of a request to copy onto heartbeats: those of
+/// `IDEMPROXY_HEARTBEAT_HEADERS`, then the session's own header (or cookie),
+/// which travels with its heartbeats. A name listed `k` times gives its
+/// values `k` times over, all grouped under its first listing (the order in
+/// which a `HeaderMap` they are appended to lists them). Allocates nothing.
+fn credential_pairs<'a>(
+    config: &'a SessionLayerConfig,
+    headers: &'a HeaderMap,
+    route_sources: Option<&'a [SessionSource]>,
+) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+    let names = move || {
+        let sources = route_sources
+            .unwrap_or_default()
+            .iter()
+            .chain(config.sources.iter())
+            .filter_map(|source| match source.kind() {
+                SessionSourceKind::Header(name) => Some(name),
+                SessionSourceKind::Cookie(_) => Some(&COOKIE),
+                _ => None,
+            });
+        config.copy_headers.iter().chain(sources)
+    };
+    names()
+        .enumerate()
+        .filter(move |&(i, name)| !names().take(i).any(|n| n == name))
+        .flat_map(move |(_, name)| {
+            let times = names().filter(|&n| n == name).count();
+            (0..times).flat_map(move |_| headers.get_all(name).iter().map(move |v| (name, v)))
+        })
+}
+
+fn copy_credentials<'a>(
+    pairs: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
 ) -> HeaderMap {
     let mut out = HeaderMap::new();
-    let mut copy = |name: &HeaderName| {
-        for value in headers.get_all(name) {
-            out.append(name.clone(), value.clone());
-        }
-    };
-    for name in &config.copy_headers {
-        copy(name);
-    }
-    // The session's own header (or cookie) travels with its heartbeats.
-    for source in route_sources
-        .unwrap_or_default()
-        .iter()
-        .chain(config.sources.iter())
-    {
-        match source.kind() {
-            SessionSourceKind::Header(name) => copy(name),
-            SessionSourceKind::Cookie(_) => copy(&header::COOKIE),
-            _ => {}
-        }
+    for (name, value) in pairs {
+        out.append(name.clone(), value.clone());
     }
     out
 }
@@ -267,15 +299,15 @@ async fn after_response(
     } else {
         None
     };
-    tracker.observe(Registration {
-        id: id.clone(),
-        source: pending
-            .source
-            .clone()
-            .unwrap_or_else(|| Arc::from("unknown")),
-        heartbeat,
-        credentials: std::mem::take(&mut pending.credentials),
-    });
+    let source = pending
+        .source
+        .clone()
+        .unwrap_or_else(|| Arc::from("unknown"));
+    let credentials = match pending.known.take() {
+        Some(known) => NewCredentials::Known(known),
+        None => NewCredentials::Headers(&pending.credentials),
+    };
+    tracker.observe_with(id.clone(), source, heartbeat, credentials);
     if guard.is_none() {
         // A session first seen in this response is active while its body streams.
         guard = tracker.begin_request(&id);

@@ -74,6 +74,7 @@
 //! # }
 //! ```
 
+mod compact;
 mod heartbeat;
 mod layer;
 mod metrics;

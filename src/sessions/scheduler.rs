@@ -108,9 +108,13 @@ pub(super) async fn run<S, F>(
         match event {
             Event::New(token) => scheduler.adopt(token),
             Event::Timer(token) => scheduler.on_timer(token),
-            Event::Done(Ok(report)) => scheduler.on_done(report),
-            Event::Done(Err(error)) => tracing::debug!(%error, "heartbeat task ended abnormally"),
+            Event::Done(done) => scheduler.on_joined(done),
             Event::Pace => {}
+        }
+        // Finished heartbeats are collected all at once: bursts of dispatches
+        // must not leave finished tasks (and their memory) piling up.
+        while let Some(done) = sends.try_join_next() {
+            scheduler.on_joined(done);
         }
     }
     tracing::debug!(
@@ -188,7 +192,7 @@ impl Scheduler {
                 self.pending.push_back(token);
             } else {
                 // Nothing to send: just look again in an interval.
-                session.last_beat = now;
+                session.last_beat = settings.stamp(now);
                 let when = session.wake_at(settings);
                 drop(session);
                 self.sleep(token, when);
@@ -289,6 +293,14 @@ impl Scheduler {
         Some(heartbeat::build_request(heartbeat, &session.credentials))
     }
 
+    /// A heartbeat task was joined.
+    fn on_joined(&mut self, done: Result<Report, JoinError>) {
+        match done {
+            Ok(report) => self.on_done(report),
+            Err(error) => tracing::debug!(%error, "heartbeat task ended abnormally"),
+        }
+    }
+
     /// An attempt finished: count it, then keep, retry, fail or forget the session.
     fn on_done(&mut self, report: Report) {
         let Report {
@@ -324,7 +336,7 @@ impl Scheduler {
                 metrics.heartbeat(HeartbeatOutcome::Ok);
                 session.failures = 0;
                 session.retries = 0;
-                session.last_beat = now;
+                session.last_beat = settings.stamp(now);
                 session.jitter = draw_jitter();
                 let when = session.wake_at(settings);
                 drop(session);
@@ -354,7 +366,7 @@ impl Scheduler {
                 metrics.heartbeat(HeartbeatOutcome::Failed);
                 session.failures = session.failures.saturating_add(1);
                 session.retries = 0;
-                session.last_beat = now;
+                session.last_beat = settings.stamp(now);
                 session.jitter = draw_jitter();
                 let failures = session.failures;
                 let when = session.wake_at(settings);

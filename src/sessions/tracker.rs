@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::compact::{Beat, Commons, Credentials};
 use super::metrics::SessionMetrics;
 use super::scheduler::{self, Token};
 use super::{EndReason, HeartbeatSpec, Registration, SessionConfig};
@@ -29,23 +30,6 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Jitter of the interval, in permille each way (±10%).
 const JITTER_PERMILLE: i16 = 100;
 
-/// Headers never copied from a client request onto a heartbeat: they describe
-/// the client's body or connection, or are set by the heartbeat itself.
-const NOT_COPIED: [HeaderName; 12] = [
-    header::CONTENT_LENGTH,
-    header::CONTENT_TYPE,
-    header::CONTENT_ENCODING,
-    header::TRANSFER_ENCODING,
-    header::CONNECTION,
-    header::HOST,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::EXPECT,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("x-request-id"),
-];
-
 /// The configuration as the tracker uses it: clamped, and the alive field shared.
 #[derive(Debug)]
 pub(super) struct Settings {
@@ -56,6 +40,8 @@ pub(super) struct Settings {
     pub(super) max_per_sec: u32,
     pub(super) alive_field: Option<Arc<[String]>>,
     pub(super) request_timeout: Duration,
+    /// Session timestamps count nanoseconds from here (8 bytes, not 16).
+    epoch: Instant,
 }
 
 impl Settings {
@@ -68,7 +54,19 @@ impl Settings {
             max_per_sec: config.max_per_sec,
             alive_field: config.alive_field.map(Arc::from),
             request_timeout: config.request_timeout.min(MAX_DURATION),
+            epoch: Instant::now(),
         }
+    }
+
+    /// `at` as a session timestamp.
+    pub(super) fn stamp(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
+    /// A session timestamp as an instant.
+    fn instant(&self, stamp: u64) -> Instant {
+        self.epoch + Duration::from_nanos(stamp)
     }
 }
 
@@ -78,12 +76,13 @@ pub(super) struct Session {
     /// one of the same id (timer entries and in-flight guards carry it).
     pub(super) generation: u64,
     pub(super) source: Arc<str>,
-    pub(super) heartbeat: Option<Arc<HeartbeatSpec>>,
-    /// Copied credentials headers (values copied and marked sensitive).
-    pub(super) credentials: Box<[(HeaderName, HeaderValue)]>,
-    pub(super) last_activity: Instant,
+    pub(super) heartbeat: Option<Box<Beat>>,
+    /// Copied credentials headers.
+    pub(super) credentials: Credentials,
+    /// Last client activity ([`Settings::stamp`]).
+    pub(super) last_activity: u64,
     /// End of the last heartbeat round (or registration).
-    pub(super) last_beat: Instant,
+    pub(super) last_beat: u64,
     pub(super) in_flight: u32,
     pub(super) failures: u32,
     /// This round's jitter of the interval, in permille.
@@ -98,20 +97,25 @@ impl Session {
     /// When the next heartbeat is due: the interval (with this round's
     /// jitter) after the later of last activity and last heartbeat.
     pub(super) fn due(&self, settings: &Settings) -> Instant {
-        let anchor = self.last_activity.max(self.last_beat);
+        let anchor = settings.instant(self.last_activity.max(self.last_beat));
         anchor + jittered(settings.interval, self.jitter)
+    }
+
+    /// The last client activity.
+    pub(super) fn last_active(&self, settings: &Settings) -> Instant {
+        settings.instant(self.last_activity)
     }
 
     /// No activity for the idle timeout and nothing in flight.
     pub(super) fn is_idle(&self, settings: &Settings, now: Instant) -> bool {
-        self.in_flight == 0 && now >= self.last_activity + settings.idle_timeout
+        self.in_flight == 0 && now >= self.last_active(settings) + settings.idle_timeout
     }
 
     /// When the scheduler should look at this session next.
     pub(super) fn wake_at(&self, settings: &Settings) -> Instant {
         let due = self.due(settings);
         if self.in_flight == 0 {
-            due.min(self.last_activity + settings.idle_timeout)
+            due.min(self.last_active(settings) + settings.idle_timeout)
         } else {
             due
         }
@@ -135,6 +139,8 @@ pub(super) struct Shared {
     pub(super) settings: Settings,
     pub(super) sessions: DashMap<Arc<str>, Session>,
     pub(super) metrics: SessionMetrics,
+    /// The heartbeat part sessions share.
+    commons: Commons,
     digest_key: RandomState,
     next_generation: AtomicU64,
     /// New registrations for the scheduler, sent only while it runs.
@@ -231,6 +237,7 @@ impl SessionTracker {
                 settings: Settings::new(config),
                 sessions: DashMap::new(),
                 metrics,
+                commons: Commons::default(),
                 digest_key: RandomState::new(),
                 next_generation: AtomicU64::new(1),
                 wake_tx,
@@ -247,19 +254,53 @@ impl SessionTracker {
     /// When the table is full, the session with the oldest activity and no
     /// request in flight is evicted first.
     pub fn observe(&self, reg: Registration) -> Observed {
-        let now = Instant::now();
         let Registration {
             id,
             source,
             heartbeat,
             credentials,
         } = reg;
-        let credentials = copy_credentials(&credentials);
+        self.observe_with(id, source, heartbeat, NewCredentials::Headers(&credentials))
+    }
+
+    /// The stored credentials of session `id` if they are exactly those
+    /// `pairs` would give (the usual case: nothing changed since its last
+    /// request), to pass to [`SessionTracker::observe_with`]; allocates nothing.
+    pub(super) fn same_credentials<'a>(
+        &self,
+        id: &str,
+        pairs: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    ) -> Option<Credentials> {
+        let session = self.shared.sessions.get(id)?;
+        session
+            .credentials
+            .matches(pairs)
+            .then(|| session.credentials.clone())
+    }
+
+    /// [`SessionTracker::observe`] with the credentials given either as
+    /// headers or as ones found by [`SessionTracker::same_credentials`].
+    pub(super) fn observe_with(
+        &self,
+        id: Arc<str>,
+        source: Arc<str>,
+        heartbeat: Option<Arc<HeartbeatSpec>>,
+        credentials: NewCredentials<'_>,
+    ) -> Observed {
+        let now = Instant::now();
         let shared = &self.shared;
+        let heartbeat = heartbeat.and_then(|spec| Beat::new(&spec, &shared.commons));
         if let Some(mut session) = shared.sessions.get_mut(&*id) {
-            refresh(&mut session, now, source, heartbeat, credentials);
+            refresh(
+                &mut session,
+                shared.settings.stamp(now),
+                source,
+                heartbeat,
+                credentials,
+            );
             return Observed::Refreshed;
         }
+        let credentials = credentials.into_credentials();
         if !self.make_room() {
             tracing::warn!(
                 session = %shared.digest(&id),
@@ -273,7 +314,14 @@ impl SessionTracker {
         match shared.sessions.entry(Arc::clone(&key)) {
             Entry::Occupied(mut occupied) => {
                 // Registered by a concurrent request in the meantime.
-                refresh(occupied.get_mut(), now, source, heartbeat, credentials);
+                let credentials = NewCredentials::Known(credentials);
+                refresh(
+                    occupied.get_mut(),
+                    shared.settings.stamp(now),
+                    source,
+                    heartbeat,
+                    credentials,
+                );
                 return Observed::Refreshed;
             }
             Entry::Vacant(vacant) => {
@@ -282,8 +330,8 @@ impl SessionTracker {
                     source,
                     heartbeat,
                     credentials,
-                    last_activity: now,
-                    last_beat: now,
+                    last_activity: shared.settings.stamp(now),
+                    last_beat: shared.settings.stamp(now),
                     in_flight: 0,
                     failures: 0,
                     jitter: draw_jitter(),
@@ -334,7 +382,7 @@ impl SessionTracker {
     pub fn begin_request(&self, id: &str) -> Option<InFlight> {
         let mut session = self.shared.sessions.get_mut(id)?;
         session.in_flight = session.in_flight.saturating_add(1);
-        session.last_activity = Instant::now();
+        session.last_activity = self.shared.settings.stamp(Instant::now());
         Some(InFlight {
             shared: Arc::clone(&self.shared),
             key: Arc::clone(session.key()),
@@ -384,7 +432,9 @@ impl SessionTracker {
             .map(|s| SessionView {
                 digest: shared.digest(s.key()),
                 source: s.source.to_string(),
-                last_activity_secs_ago: now.saturating_duration_since(s.last_activity).as_secs(),
+                last_activity_secs_ago: now
+                    .saturating_duration_since(s.last_active(&shared.settings))
+                    .as_secs(),
                 next_heartbeat_in_secs: s.heartbeat.as_ref().map(|_| {
                     s.due(&shared.settings)
                         .saturating_duration_since(now)
@@ -457,36 +507,50 @@ fn parse_digest(digest: &str) -> Option<u64> {
     u64::from_str_radix(digest, 16).ok()
 }
 
-/// Refreshes a known session with a new sighting.
+/// A sighting's credentials headers.
+pub(super) enum NewCredentials<'a> {
+    /// The request's headers (those not to copy are left out).
+    Headers(&'a HeaderMap),
+    /// Already copied, e.g. by [`SessionTracker::same_credentials`].
+    Known(Credentials),
+}
+
+impl NewCredentials<'_> {
+    fn into_credentials(self) -> Credentials {
+        match self {
+            Self::Headers(headers) => Credentials::copy(headers.iter()),
+            Self::Known(credentials) => credentials,
+        }
+    }
+}
+
+/// Refreshes a known session with a new sighting. Its credentials are
+/// replaced only if they differ (then copied into a fresh allocation: a
+/// parsed header value shares the connection's read buffer).
 fn refresh(
     session: &mut Session,
-    now: Instant,
+    now: u64,
     source: Arc<str>,
-    heartbeat: Option<Arc<HeartbeatSpec>>,
-    credentials: Box<[(HeaderName, HeaderValue)]>,
+    heartbeat: Option<Box<Beat>>,
+    credentials: NewCredentials<'_>,
 ) {
     session.last_activity = now;
-    session.credentials = credentials;
+    match credentials {
+        NewCredentials::Headers(headers) => {
+            if !session.credentials.matches(headers.iter()) {
+                session.credentials = Credentials::copy(headers.iter());
+            }
+        }
+        NewCredentials::Known(credentials) => {
+            if !session.credentials.same(&credentials) {
+                session.credentials = credentials;
+            }
+        }
+    }
     session.source = source;
     if let Some(heartbeat) = heartbeat {
         session.heartbeat = Some(heartbeat);
     }
-}
-
-/// Copies the credentials headers into fresh allocations marked sensitive.
-///
-/// A parsed header value shares the connection's read buffer; keeping it for
-/// a session's lifetime would pin that whole buffer.
-fn copy_credentials(headers: &HeaderMap) -> Box<[(HeaderName, HeaderValue)]> {
-    headers
-        .iter()
-        .filter(|(name, _)| !NOT_COPIED.contains(name))
-        .filter_map(|(name, value)| {
-            let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
-            copy.set_sensitive(true);
-            Some((name.clone(), copy))
-        })
-        .collect()
 }
 
 /// A request of a session in flight; dropping it ends the request and counts
@@ -510,7 +574,7 @@ impl Drop for InFlight {
         let session = self.shared.sessions.get_mut(&*self.key);
         if let Some(mut session) = session.filter(|s| s.generation == self.generation) {
             session.in_flight = session.in_flight.saturating_sub(1);
-            session.last_activity = Instant::now();
+            session.last_activity = self.shared.settings.stamp(Instant::now());
         }
     }
 }
