@@ -10,7 +10,11 @@
 //! # let _ = b;
 //! ```
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 use crate::BoxError;
@@ -37,4 +41,41 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// A body with no bytes.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A body that holds a guard until it ends or is dropped: a request counted
+    /// in flight, a session kept active while its answer streams.
+    pub struct WithGuard<G> {
+        #[pin]
+        inner: Body,
+        guard: G,
+    }
+}
+
+impl<G> WithGuard<G> {
+    /// Wraps `inner`, holding `guard` as long as the body lives.
+    pub fn new(inner: Body, guard: G) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<G> http_body::Body for WithGuard<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

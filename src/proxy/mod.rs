@@ -13,23 +13,18 @@ pub mod headers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info, warn};
 
-use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::Upstream;
 use crate::error::{UpstreamError, json_error};
@@ -167,10 +162,7 @@ impl Proxy {
             status = resp.status().as_u16(),
             "answered"
         );
-        Ok(resp.map(|b| ResponseBody {
-            inner: b,
-            _guard: guard,
-        }))
+        Ok(resp.map(|b| ResponseBody::new(b, guard)))
     }
 
     /// Checks the target and rewrites the request head for the upstream.
@@ -302,8 +294,9 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-/// Counts a request as in flight until its response body is finished or dropped.
-struct InFlight(prometheus_client::metrics::gauge::Gauge);
+/// Counts a request in `idemproxy_requests_in_flight` until its response body
+/// is finished or dropped.
+pub struct InFlight(prometheus_client::metrics::gauge::Gauge);
 
 impl InFlight {
     fn new(metrics: &ProxyMetrics) -> Self {
@@ -318,31 +311,6 @@ impl Drop for InFlight {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The body sent to the client: the upstream's body, streamed as it comes.
-    pub struct ResponseBody {
-        #[pin]
-        inner: Body,
-        _guard: InFlight,
-    }
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// The body sent to the client: the upstream's body, streamed as it comes,
+/// counted in flight until it ends.
+pub type ResponseBody = crate::body::WithGuard<InFlight>;

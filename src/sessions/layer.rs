@@ -7,13 +7,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
-use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body::Frame;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::{debug, warn};
@@ -23,7 +22,7 @@ use super::tracker::NewCredentials;
 use super::{EndReason, HeartbeatSpec, InFlight, SessionTracker};
 use crate::BoxError;
 use crate::body::{self, Body};
-use crate::buffered::BufferedBody;
+use crate::buffered::{BufferedBody, read_ahead};
 use crate::classify::Classified;
 use crate::error::UpstreamError;
 use crate::policy::SessionId;
@@ -377,103 +376,27 @@ async fn read_json(
     resp: Response<Body>,
     cap: usize,
 ) -> (Response<Body>, Option<serde_json::Value>) {
-    let (parts, mut body) = resp.into_parts();
-    if body.size_hint().lower() > cap as u64 {
-        return (Response::from_parts(parts, body), None);
-    }
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => {
-                    buf.extend_from_slice(&data);
-                    if buf.len() > cap {
-                        let rest = Prefixed {
-                            prefix: Some(buf.freeze()),
-                            rest: body,
-                        };
-                        return (Response::from_parts(parts, body::boxed(rest)), None);
-                    }
-                }
-                Err(_trailers) => {}
-            },
-            Err(e) => {
-                let failed = Failed(Some(e));
-                let rest = Prefixed {
-                    prefix: Some(buf.freeze()),
-                    rest: body::boxed(failed),
-                };
-                return (Response::from_parts(parts, body::boxed(rest)), None);
-            }
+    let (parts, body) = resp.into_parts();
+    match read_ahead(body, cap).await {
+        Ok((body, buffered)) => {
+            let json = buffered.and_then(|b| b.json().cloned());
+            (Response::from_parts(parts, body), json)
         }
+        // The upstream's body broke: the client sees it break too.
+        Err(e) => (
+            Response::from_parts(parts, body::boxed(Failed(Some(e)))),
+            None,
+        ),
     }
-    let bytes = buf.freeze();
-    let json = serde_json::from_slice(&bytes).ok();
-    (Response::from_parts(parts, body::full(bytes)), json)
 }
 
 fn with_guard(resp: Response<Body>, guard: Option<InFlight>) -> Response<Body> {
     match guard {
         None => resp,
         Some(guard) => resp.map(|b| {
-            body::boxed(Guarded {
-                inner: b,
-                _guard: guard,
-            })
+            // The session stays active until the response body ends.
+            body::boxed(body::WithGuard::new(b, guard))
         }),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its session active until it ends.
-    struct Guarded {
-        #[pin]
-        inner: Body,
-        _guard: InFlight,
-    }
-}
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Bytes already read, then the rest of the body.
-    struct Prefixed {
-        prefix: Option<Bytes>,
-        #[pin]
-        rest: Body,
-    }
-}
-
-impl http_body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if let Some(prefix) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
-        }
-        this.rest.poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.rest.is_end_stream()
     }
 }
 
