@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
@@ -202,7 +202,9 @@ where
 {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    /// A request this layer has nothing to do for goes straight to the inner
+    /// service's future, without a boxed future of its own.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -212,11 +214,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let Some(original) = self.keep(&req) else {
-            return Box::pin(inner.call(req));
+            return Either::Left(inner.call(req));
         };
         let config = self.config.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
             let resp = fut.await?;
             if resp.status() != StatusCode::CONFLICT {
@@ -268,7 +270,7 @@ where
                     Ok(resp)
                 }
             }
-        })
+        }))
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
@@ -229,7 +229,9 @@ where
 {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    /// A request this layer has nothing to do for goes straight to the inner
+    /// service's future, without a boxed future of its own.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -244,14 +246,14 @@ where
             .get(&cache.config.header)
             .map(|v| Bytes::copy_from_slice(v.as_bytes()))
         else {
-            return Box::pin(inner.call(req));
+            return Either::Left(inner.call(req));
         };
         let Some(buffered) = req.extensions().get::<BufferedBody>() else {
             cache.metrics.count("bypass");
-            return Box::pin(inner.call(req));
+            return Either::Left(inner.call(req));
         };
         let digest = request_digest(&req, buffered);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let forward =
                 |inner: &mut S, req| -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
                     Box::pin(inner.call(req))
@@ -294,7 +296,7 @@ where
                     forward(&mut inner, req).await
                 }
             }
-        })
+        }))
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
@@ -107,7 +107,9 @@ where
 {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    /// A request this layer has nothing to do for goes straight to the inner
+    /// service's future, without a boxed future of its own.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -124,7 +126,7 @@ where
         let has_sources =
             !self.config.sources.is_empty() || route_sources.is_some_and(|s| !s.is_empty());
         if !has_sources {
-            return Box::pin(inner.call(req));
+            return Either::Left(inner.call(req));
         }
         let id = req.extensions().get::<SessionId>().map(|s| s.0.clone());
         let captures = classified
@@ -167,11 +169,11 @@ where
             .and_then(|id| self.tracker.begin_request(id));
         let tracker = self.tracker.clone();
         let config = self.config.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
             let resp = fut.await?;
             Ok(after_response(&tracker, &config, pending, guard, resp).await)
-        })
+        }))
     }
 }
 
