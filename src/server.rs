@@ -88,15 +88,18 @@ pub async fn serve(
             conn_proxy.serve(req)
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
+        // Boxed once here: an idle keep-alive connection then costs its
+        // connection state (~1.7 KiB) plus a small task, where moving the
+        // connection into the task's async blocks kept two more copies of
+        // that space in the task (5.5 KiB a connection in all).
+        let mut conn = Box::pin(graceful.watch(conn.into_owned()));
         let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             open.inc();
             let served = async {
-                tokio::pin!(conn);
                 let first = tokio::time::timeout(header_read_timeout, first_request.notified());
                 tokio::select! {
-                    result = &mut conn => return result,
+                    result = conn.as_mut() => return result,
                     in_time = first => if in_time.is_err() {
                         debug!(%remote, "no request within the header read timeout; closing");
                         return Ok(());
