@@ -53,12 +53,23 @@ pub enum ClientBuildError {
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// The innermost service: sends a request to the upstream over the shared pool.
+///
+/// Cloning it (tower's layers clone their inner service per request) costs
+/// one reference count.
 #[derive(Clone)]
 pub struct UpstreamService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     client: HttpsClient,
-    upstream: Arc<Upstream>,
+    upstream: Upstream,
     connect_timeout: Duration,
 }
+
+/// Largest read from an HTTP/1.1 upstream connection, and so the largest
+/// response body chunk handed on to the client.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 impl UpstreamService {
     /// Builds the pooled client from the configuration.
@@ -80,28 +91,35 @@ impl UpstreamService {
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(config.upstream_max_idle)
+            // hyper grows a connection's read buffer to ~400 KiB on a fast
+            // download, and a buffer still shared with chunks in flight to the
+            // client is reallocated rather than reused: a few downloads held
+            // tens of MiB. 64 KiB reads keep memory bounded at full speed.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             // A request that failed on a reused connection before any byte was
             // written is sent again on a fresh one (hyper-util's default, kept explicit).
             .retry_canceled_requests(true)
             .build(connector);
         Ok(Self {
-            client,
-            upstream: Arc::new(config.upstream.clone()),
-            connect_timeout: config.connect_timeout,
+            shared: Arc::new(Shared {
+                client,
+                upstream: config.upstream.clone(),
+                connect_timeout: config.connect_timeout,
+            }),
         })
     }
 
     /// The upstream this service sends to.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.shared.upstream
     }
 
     /// The upstream's scheme and authority in front of the request's path and
     /// query, which moves over as it is (no re-parsing, no copy).
     fn absolute_uri(&self, uri: Uri) -> Result<Uri, http::uri::InvalidUriParts> {
         let mut parts = uri.into_parts();
-        parts.scheme = Some(self.upstream.scheme.clone());
-        parts.authority = Some(self.upstream.authority.clone());
+        parts.scheme = Some(self.shared.upstream.scheme.clone());
+        parts.authority = Some(self.shared.upstream.authority.clone());
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
@@ -119,7 +137,7 @@ impl tower_service::Service<Request<Body>> for UpstreamService {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let connect_timeout = self.connect_timeout;
+        let connect_timeout = self.shared.connect_timeout;
         match self.absolute_uri(std::mem::take(req.uri_mut())) {
             Ok(uri) => *req.uri_mut() = uri,
             Err(e) => return Box::pin(std::future::ready(Err(UpstreamError::Other(e.into())))),
@@ -130,7 +148,7 @@ impl tower_service::Service<Request<Body>> for UpstreamService {
         // `request` clones the client into its own (lazy) future: calling it
         // here instead of inside ours saves a second clone of the whole
         // client per request and keeps our future small.
-        let response = self.client.request(req);
+        let response = self.shared.client.request(req);
         Box::pin(async move {
             match response.await {
                 Ok(resp) => Ok(resp.map(body::boxed)),
