@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -101,35 +101,53 @@ where
 {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    /// A request whose body nothing reads (most of them) is classified here
+    /// and goes straight to the inner service's future; one whose body must
+    /// be read first gets a boxed future that reads it.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let config = &*self.config;
+        let matched = config.table.classify(&parts.method, parts.uri.path());
+        let needs_body = needs_body(config, &parts, matched.as_ref().map(|m| m.route));
+        let (index, captures) = match matched {
+            Some(m) => (Some(m.index), m.captures),
+            None => (None, Captures::default()),
+        };
+        if !needs_body {
+            let req = finish(config, parts, body, None, index, captures);
+            return Either::Left(self.inner.call(req));
+        }
         let config = self.config.clone();
         // Take the service that was driven to readiness, leave a clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let req = classify(&config, req).await?;
+        Either::Right(Box::pin(async move {
+            let (body, buffered) = read_ahead(body, config.max_body)
+                .await
+                .map_err(UpstreamError::RequestBody)?;
+            let req = finish(&config, parts, body, buffered, index, captures);
             // Boxed: the inner future's higher-ranked lifetimes would otherwise
             // keep this future from being `Send` (a compiler limitation).
             let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
             fut.await
-        })
+        }))
     }
 }
 
-async fn classify(
+/// Whether a route, a session source or the idempotency keys read the
+/// request's body, which must then be read ahead before the request goes on.
+fn needs_body(
     config: &ClassifyConfig,
-    req: Request<Body>,
-) -> Result<Request<Body>, UpstreamError> {
-    let (mut parts, body) = req.into_parts();
-    let matched = config.table.classify(&parts.method, parts.uri.path());
-    let route = matched.as_ref().map(|m| m.route);
-    let needs_body = route.is_some_and(route_needs_body)
+    parts: &http::request::Parts,
+    route: Option<&Route>,
+) -> bool {
+    route.is_some_and(route_needs_body)
         || config
             .session_sources
             .iter()
@@ -137,19 +155,21 @@ async fn classify(
         || config.keys.as_ref().is_some_and(|k| {
             let client_key = parts.headers.contains_key(&k.header);
             (config.body_for_client_keys && client_key)
-                || (k.mode == KeyMode::Fingerprint && !client_key && key_wanted(k, &parts, route))
-        });
-    let (body, buffered) = if needs_body {
-        read_ahead(body, config.max_body)
-            .await
-            .map_err(UpstreamError::RequestBody)?
-    } else {
-        (body, None)
-    };
-    let (index, captures) = match matched {
-        Some(m) => (Some(m.index), m.captures),
-        None => (None, Captures::default()),
-    };
+                || (k.mode == KeyMode::Fingerprint && !client_key && key_wanted(k, parts, route))
+        })
+}
+
+/// Attaches what classification found to the request: the session id, the
+/// route's policy and match, and the read-ahead body.
+fn finish(
+    config: &ClassifyConfig,
+    mut parts: http::request::Parts,
+    body: Body,
+    buffered: Option<BufferedBody>,
+    index: Option<usize>,
+    captures: Captures,
+) -> Request<Body> {
+    let route = index.and_then(|i| config.table.get(i));
     let json = buffered.as_ref().and_then(BufferedBody::json);
     let session = route
         .into_iter()
@@ -172,7 +192,7 @@ async fn classify(
     if let Some(b) = buffered {
         parts.extensions.insert(b);
     }
-    Ok(Request::from_parts(parts, body))
+    Request::from_parts(parts, body)
 }
 
 fn key_wanted(keys: &KeyConfig, parts: &http::request::Parts, route: Option<&Route>) -> bool {

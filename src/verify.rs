@@ -211,11 +211,13 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some(original) = self.keep(&req) else {
+            // Nothing to verify: the service poll_ready made ready takes the
+            // request, with no clone of the layers below.
+            return Either::Left(self.inner.call(req));
+        };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(original) = self.keep(&req) else {
-            return Either::Left(inner.call(req));
-        };
         let config = self.config.clone();
         let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {

@@ -238,21 +238,23 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let cache = self.cache.clone();
+        // Without a client key (or its body) the request passes through to
+        // the service poll_ready made ready, with no clone of the layers below.
         let Some(key) = req
             .headers()
-            .get(&cache.config.header)
+            .get(&self.cache.config.header)
             .map(|v| Bytes::copy_from_slice(v.as_bytes()))
         else {
-            return Either::Left(inner.call(req));
+            return Either::Left(self.inner.call(req));
         };
         let Some(buffered) = req.extensions().get::<BufferedBody>() else {
-            cache.metrics.count("bypass");
-            return Either::Left(inner.call(req));
+            self.cache.metrics.count("bypass");
+            return Either::Left(self.inner.call(req));
         };
         let digest = request_digest(&req, buffered);
+        let cache = self.cache.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         Either::Right(Box::pin(async move {
             let forward =
                 |inner: &mut S, req| -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {

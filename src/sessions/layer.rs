@@ -116,18 +116,23 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let classified = req.extensions().get::<Classified>().cloned();
+        let classified = req.extensions().get::<Classified>();
+        let has_sources = !self.config.sources.is_empty()
+            || classified
+                .and_then(|c| c.route())
+                .is_some_and(|r| !r.session.is_empty());
+        if !has_sources {
+            // No session to learn: straight to the service poll_ready made
+            // ready, with no clone of the layers below.
+            return Either::Left(self.inner.call(req));
+        }
+        let classified = classified.cloned();
         let route_sources = classified
             .as_ref()
             .and_then(|c| c.route())
             .map(|r| r.session.as_slice());
-        let has_sources =
-            !self.config.sources.is_empty() || route_sources.is_some_and(|s| !s.is_empty());
-        if !has_sources {
-            return Either::Left(inner.call(req));
-        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         let id = req.extensions().get::<SessionId>().map(|s| s.0.clone());
         let captures = classified
             .as_ref()
