@@ -10,7 +10,6 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 use tracing::{info, warn};
 
 use crate::admin::{Admin, Readiness};
@@ -114,7 +113,7 @@ pub fn build_stack(
         .layer(verify)
         .layer(retry)
         .service(upstream);
-    BoxCloneSyncService::new(stack)
+    Stack::new(stack)
 }
 
 /// Whether any session source is configured (globally or on a route).

@@ -14,6 +14,7 @@ pub mod headers;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderValue};
@@ -21,8 +22,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceExt};
+use tower::Service;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
@@ -34,7 +34,74 @@ use crate::request_id::ensure_request_id;
 /// The layered upstream service the edge calls: any tower stack ending in
 /// [`crate::upstream::UpstreamService`], type-erased so layers can be added
 /// without changing the edge.
-pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, UpstreamError>;
+///
+/// Shared by every connection. Each request calls a clone of the stack
+/// made on the call's own stack frame (the layers hold their state in
+/// `Arc`s, so that is a few reference counts) and boxes only the response
+/// future: `tower::util::BoxCloneSyncService` boxed both the clone and the
+/// future, two allocations a request.
+#[derive(Clone)]
+pub struct Stack(Arc<dyn CallStack>);
+
+type StackFuture = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+
+impl Stack {
+    /// Erases the type of a layered service.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self(Arc::new(service))
+    }
+
+    /// Sends a request through the stack.
+    pub fn call(&self, req: Request<Body>) -> StackFuture {
+        self.0.call_clone(req)
+    }
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stack")
+    }
+}
+
+trait CallStack: Send + Sync {
+    fn call_clone(&self, req: Request<Body>) -> StackFuture;
+}
+
+impl<S> CallStack for S
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    fn call_clone(&self, req: Request<Body>) -> StackFuture {
+        let mut svc = self.clone();
+        // The layers are ready at once (nothing below them queues); should one
+        // ever not be, the request waits for it inside the future.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Box::pin(svc.call(req)),
+            Poll::Ready(Err(e)) => Box::pin(std::future::ready(Err(e))),
+            Poll::Pending => Box::pin(async move {
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                // Boxed: the inner future's higher-ranked lifetimes would
+                // otherwise keep this future from being `Send`.
+                let fut: StackFuture = Box::pin(svc.call(req));
+                fut.await
+            }),
+        }
+    }
+}
 
 /// Options of the edge.
 #[derive(Clone, Debug)]
@@ -113,11 +180,7 @@ impl Proxy {
                 let method = parts.method.clone();
                 let version = parts.version;
                 let req = Request::from_parts(parts, body::boxed(incoming));
-                let mut stack = shared.stack.clone();
-                let result = match stack.ready().await {
-                    Ok(svc) => svc.call(req).await,
-                    Err(e) => Err(e),
-                };
+                let result = shared.stack.call(req).await;
                 match result {
                     Ok(mut resp) => {
                         // Answer in the client's protocol, whatever the upstream spoke.
@@ -314,3 +377,53 @@ impl Drop for InFlight {
 /// The body sent to the client: the upstream's body, streamed as it comes,
 /// counted in flight until it ends.
 pub type ResponseBody = crate::body::WithGuard<InFlight>;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Not ready on its first poll (it wakes the task), ready after: a
+    /// layer that queues. The edge must wait for it, not call it unready.
+    #[derive(Clone)]
+    struct ReadyOnSecondPoll {
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl Service<Request<Body>> for ReadyOnSecondPoll {
+        type Response = Response<Body>;
+        type Error = UpstreamError;
+        type Future = std::future::Ready<Result<Response<Body>, UpstreamError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+            if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn call(&mut self, _req: Request<Body>) -> Self::Future {
+            assert!(self.polls.load(Ordering::SeqCst) >= 2, "called before it was ready");
+            let resp = Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .body(body::empty())
+                .map_err(|e| UpstreamError::Other(e.into()));
+            std::future::ready(resp)
+        }
+    }
+
+    #[tokio::test]
+    async fn stack_waits_for_a_layer_that_is_not_ready() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let stack = Stack::new(ReadyOnSecondPoll {
+            polls: polls.clone(),
+        });
+        let req = Request::new(body::empty());
+        let resp = stack.call(req).await.map(|r| r.status());
+        assert_eq!(resp.ok(), Some(StatusCode::ACCEPTED));
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+}
