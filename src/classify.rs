@@ -25,7 +25,7 @@ use crate::body::Body;
 use crate::buffered::{BufferedBody, read_ahead};
 use crate::error::UpstreamError;
 use crate::idempotency::{KeyConfig, KeyMode};
-use crate::policy::SessionId;
+use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
 
 /// The matched route of a request, as a request extension.
@@ -176,9 +176,13 @@ fn finish(
         .flat_map(|r| r.session.iter())
         .chain(config.session_sources.iter())
         .filter(|s| !s.is_response())
-        .find_map(|s| s.from_request(&captures, &parts.headers, json));
-    if let Some(id) = session {
+        .find_map(|s| {
+            s.from_request(&captures, &parts.headers, json)
+                .map(|id| (id, s.shared_label()))
+        });
+    if let Some((id, label)) = session {
         parts.extensions.insert(SessionId(id.into()));
+        parts.extensions.insert(SessionSourceLabel(label));
     }
     if let (Some(route), Some(index)) = (route, index) {
         debug!(route = route.line_number, "classified");

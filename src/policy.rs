@@ -19,3 +19,9 @@ pub struct RequestPolicy {
 /// Layers read it from the request's extensions (fingerprint keys, heartbeats).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionId(pub std::sync::Arc<str>);
+
+/// The label of the session source that found the request's [`SessionId`]
+/// (e.g. `header:Mcp-Session-Id`), as the session metrics and `/sessions`
+/// show it; set next to the id, so later layers need not search again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSourceLabel(pub std::sync::Arc<str>);

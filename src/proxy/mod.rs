@@ -406,7 +406,10 @@ mod tests {
         }
 
         fn call(&mut self, _req: Request<Body>) -> Self::Future {
-            assert!(self.polls.load(Ordering::SeqCst) >= 2, "called before it was ready");
+            assert!(
+                self.polls.load(Ordering::SeqCst) >= 2,
+                "called before it was ready"
+            );
             let resp = Response::builder()
                 .status(StatusCode::ACCEPTED)
                 .body(body::empty())

@@ -2,6 +2,7 @@
 //! `json:FIELD.PATH`, `response-header:NAME`, `response-json:FIELD.PATH`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, header};
 use serde_json::Value;
@@ -39,7 +40,7 @@ pub struct SessionSourceError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionSource {
     kind: SessionSourceKind,
-    label: String,
+    label: Arc<str>,
 }
 
 /// The kinds of session source.
@@ -87,7 +88,7 @@ impl SessionSource {
         };
         Ok(Self {
             kind,
-            label: word.to_owned(),
+            label: word.into(),
         })
     }
 
@@ -109,6 +110,11 @@ impl SessionSource {
     /// The source as configured (`header:Mcp-Session-Id`), for metrics and the admin page.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The label, shared rather than copied.
+    pub fn shared_label(&self) -> Arc<str> {
+        self.label.clone()
     }
 
     /// Whether the id comes from the response rather than the request.

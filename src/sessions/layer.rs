@@ -25,7 +25,7 @@ use crate::body::{self, Body};
 use crate::buffered::{BufferedBody, read_ahead};
 use crate::classify::Classified;
 use crate::error::UpstreamError;
-use crate::policy::SessionId;
+use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };
@@ -141,14 +141,21 @@ where
             .extensions()
             .get::<BufferedBody>()
             .and_then(BufferedBody::json);
-        let source = id.as_deref().and_then(|id| {
+        let learned_from = req
+            .extensions()
+            .get::<SessionSourceLabel>()
+            .map(|l| l.0.clone());
+        // Classify names the source it found the id with; without it (this
+        // layer used on its own), the sources are searched here.
+        let source = learned_from.or_else(|| {
+            let id = id.as_deref()?;
             route_sources
                 .unwrap_or_default()
                 .iter()
                 .chain(self.config.sources.iter())
                 .filter(|s| !s.is_response())
                 .find(|s| s.from_request(captures, req.headers(), json).as_deref() == Some(id))
-                .map(|s| Arc::<str>::from(s.label()))
+                .map(SessionSource::shared_label)
         });
         let pairs = || credential_pairs(&self.config, req.headers(), route_sources);
         // Usually the session is known and its credentials unchanged: then
@@ -280,7 +287,7 @@ async fn after_response(
                         }
                     }
                     pending.id = Some(id.into());
-                    pending.source = Some(source.label().into());
+                    pending.source = Some(source.shared_label());
                     break;
                 }
             }
