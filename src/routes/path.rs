@@ -279,9 +279,7 @@ impl PathTemplate {
         }
         Some(captures)
     }
-}
 
-impl PathTemplate {
     /// A check without allocation that turns away most paths that cannot
     /// match (a literal segment that differs, a segment too many or too few,
     /// an empty capture), so that a route table with many routes decodes and
@@ -364,7 +362,6 @@ fn compile_segment(parts: Vec<Token<'_>>) -> Result<Segment, TemplateError> {
     }
 }
 
-/// Matches one raw path segment, pushing its captures.
 /// The first segment of `rest` and what follows its `/`, if any. A plain
 /// byte loop: path segments are short, and `str::split_once` costs more
 /// than the scan itself here (measured with callgrind).
@@ -375,6 +372,7 @@ fn split_segment(rest: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Matches one raw path segment, pushing its captures.
 fn match_segment(segment: &Segment, raw: &str, captures: &mut Captures) -> Option<()> {
     match segment {
         Segment::Literal(literal) => (*percent_decode(raw, false)? == **literal).then_some(()),
