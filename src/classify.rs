@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::Either;
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -27,6 +27,7 @@ use crate::error::UpstreamError;
 use crate::idempotency::{KeyConfig, KeyMode};
 use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
+use crate::service::{PassThrough, ResponseFuture, take_ready};
 
 /// The matched route of a request, as a request extension.
 #[derive(Clone, Debug)]
@@ -104,7 +105,7 @@ where
     /// A request whose body nothing reads (most of them) is classified here
     /// and goes straight to the inner service's future; one whose body must
     /// be read first gets a boxed future that reads it.
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
+    type Future = PassThrough<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -124,9 +125,7 @@ where
             return Either::Left(self.inner.call(req));
         }
         let config = self.config.clone();
-        // Take the service that was driven to readiness, leave a clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Either::Right(Box::pin(async move {
             let (body, buffered) = read_ahead(body, config.max_body)
                 .await
@@ -134,7 +133,7 @@ where
             let req = finish(&config, parts, body, buffered, index, captures);
             // Boxed: the inner future's higher-ranked lifetimes would otherwise
             // keep this future from being `Send` (a compiler limitation).
-            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            let fut: ResponseFuture = Box::pin(inner.call(req));
             fut.await
         }))
     }

@@ -40,6 +40,7 @@ pub mod request_id;
 pub mod retry;
 pub mod routes;
 pub mod server;
+pub mod service;
 pub mod sessions;
 pub mod telemetry;
 pub mod units;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper_rustls::HttpsConnector;
@@ -24,6 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use crate::body::{self, Body};
 use crate::config::{Config, TlsConfig, Upstream};
 use crate::error::UpstreamError;
+use crate::service::ResponseFuture;
 
 /// Why the upstream client could not be built (bad TLS material).
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,7 @@ impl UpstreamService {
 impl tower_service::Service<Request<Body>> for UpstreamService {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
@@ -44,6 +44,7 @@ use crate::policy::{RequestPolicy, SessionId};
 use crate::request_id::X_REQUEST_ID;
 use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
+use crate::service::{PassThrough, ResponseFuture, take_ready};
 
 /// `x-idemproxy-recovered`, set on a recovered answer.
 pub static X_IDEMPROXY_RECOVERED: HeaderName = HeaderName::from_static("x-idemproxy-recovered");
@@ -204,7 +205,7 @@ where
     type Error = UpstreamError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
+    type Future = PassThrough<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -216,12 +217,11 @@ where
             // request, with no clone of the layers below.
             return Either::Left(self.inner.call(req));
         };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let config = self.config.clone();
         let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {
-            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            let fut: ResponseFuture = Box::pin(inner.call(req));
             let resp = fut.await?;
             if resp.status() != StatusCode::CONFLICT {
                 return Ok(resp);
@@ -357,7 +357,7 @@ where
         // ready again before this second call.
         std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
         // Boxed for the same compiler limitation as in the classify layer.
-        let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+        let fut: ResponseFuture = Box::pin(inner.call(req));
         fut.await
     };
     let resp = match tokio::time::timeout(remaining, call).await {

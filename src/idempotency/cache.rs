@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
@@ -39,6 +39,7 @@ use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
 use crate::error::{UpstreamError, json_error};
+use crate::service::{PassThrough, ResponseFuture, take_ready};
 
 /// `Idempotent-Replayed`, set on an answer served from the cache.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -231,7 +232,7 @@ where
     type Error = UpstreamError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
+    type Future = PassThrough<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -253,13 +254,9 @@ where
         };
         let digest = request_digest(&req, buffered);
         let cache = self.cache.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Either::Right(Box::pin(async move {
-            let forward =
-                |inner: &mut S, req| -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
-                    Box::pin(inner.call(req))
-                };
+            let forward = |inner: &mut S, req| -> ResponseFuture { Box::pin(inner.call(req)) };
             match cache.claim(&key, digest) {
                 Claim::Replay(answer) => {
                     cache.metrics.count("hit");

@@ -30,6 +30,7 @@ use crate::config::Upstream;
 use crate::error::{UpstreamError, json_error};
 use crate::metrics::{ErrorKind, ProxyMetrics};
 use crate::request_id::ensure_request_id;
+use crate::service::ResponseFuture;
 
 /// The layered upstream service the edge calls: any tower stack ending in
 /// [`crate::upstream::UpstreamService`], type-erased so layers can be added
@@ -42,8 +43,6 @@ use crate::request_id::ensure_request_id;
 /// future, two allocations a request.
 #[derive(Clone)]
 pub struct Stack(Arc<dyn CallStack>);
-
-type StackFuture = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
 
 impl Stack {
     /// Erases the type of a layered service.
@@ -60,7 +59,7 @@ impl Stack {
     }
 
     /// Sends a request through the stack.
-    pub fn call(&self, req: Request<Body>) -> StackFuture {
+    pub fn call(&self, req: Request<Body>) -> ResponseFuture {
         self.0.call_clone(req)
     }
 }
@@ -72,7 +71,7 @@ impl std::fmt::Debug for Stack {
 }
 
 trait CallStack: Send + Sync {
-    fn call_clone(&self, req: Request<Body>) -> StackFuture;
+    fn call_clone(&self, req: Request<Body>) -> ResponseFuture;
 }
 
 impl<S> CallStack for S
@@ -84,7 +83,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    fn call_clone(&self, req: Request<Body>) -> StackFuture {
+    fn call_clone(&self, req: Request<Body>) -> ResponseFuture {
         let mut svc = self.clone();
         // The layers are ready at once (nothing below them queues); should one
         // ever not be, the request waits for it inside the future.
@@ -96,7 +95,7 @@ where
                 std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
                 // Boxed: the inner future's higher-ranked lifetimes would
                 // otherwise keep this future from being `Send`.
-                let fut: StackFuture = Box::pin(svc.call(req));
+                let fut: ResponseFuture = Box::pin(svc.call(req));
                 fut.await
             }),
         }

@@ -73,6 +73,7 @@ use tower::{Layer, Service};
 use crate::body::{self, Body};
 use crate::error::UpstreamError;
 use crate::policy::RequestPolicy;
+use crate::service::{ResponseFuture, take_ready};
 
 use self::backoff::Backoff;
 use self::budget::RetryBudget;
@@ -240,7 +241,7 @@ where
 {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -248,14 +249,13 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // Keep the service that poll_ready made ready for the first attempt.
-        let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
-        Box::pin(send_with_retries(ready, req, self.shared.clone()))
+        Box::pin(send_with_retries(
+            take_ready(&mut self.inner),
+            req,
+            self.shared.clone(),
+        ))
     }
 }
-
-/// The boxed future of one attempt (and of the whole request).
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
 
 /// An attempt was in flight when the request's deadline passed.
 struct DeadlinePassed;

@@ -71,12 +71,14 @@ impl Upstream {
         Request<Body>,
         Response = Response<Body>,
         Error = UpstreamError,
-        Future = BoxFuture,
+        Future = ResponseFuture,
     > + Clone
     + Send
     + 'static {
         let this = self.clone();
-        service_fn(move |req: Request<Body>| -> BoxFuture { Box::pin(this.clone().handle(req)) })
+        service_fn(move |req: Request<Body>| -> ResponseFuture {
+            Box::pin(this.clone().handle(req))
+        })
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -167,7 +169,7 @@ impl Harness {
     }
 
     /// Sends `req` through the layer; boxed so spawned tasks stay `Send`.
-    fn send(&self, req: Request<Body>) -> BoxFuture {
+    fn send(&self, req: Request<Body>) -> ResponseFuture {
         Box::pin(self.layer.layer(self.upstream.service()).oneshot(req))
     }
 

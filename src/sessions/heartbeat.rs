@@ -1,7 +1,6 @@
 //! One heartbeat attempt: build the request, send it, judge the answer.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tower::ServiceExt;
 use super::compact::{Beat, Credentials};
 use crate::body::{self, Body};
 use crate::error::UpstreamError;
+use crate::service::ResponseFuture;
 
 /// The most bytes of a heartbeat answer that are read (to find the alive
 /// field) or drained (so an HTTP/1.1 connection can go back to the pool).
@@ -94,9 +94,6 @@ pub(super) fn build_request(beat: &Beat, credentials: &Credentials) -> (Request<
     (req, request_id)
 }
 
-/// The upstream's answer to one request, boxed.
-type Answer = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
-
 /// Sends one attempt and judges it, all within `limit`.
 ///
 /// The service's future is boxed here, outside any `async` block: inside
@@ -114,11 +111,15 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let answer: Answer = Box::pin(client.oneshot(req));
+    let answer: ResponseFuture = Box::pin(client.oneshot(req));
     judge(answer, limit, alive_field)
 }
 
-async fn judge(answer: Answer, limit: Duration, alive_field: Option<Arc<[String]>>) -> Judgement {
+async fn judge(
+    answer: ResponseFuture,
+    limit: Duration,
+    alive_field: Option<Arc<[String]>>,
+) -> Judgement {
     let deadline = Instant::now() + limit;
     let response = match timeout_at(deadline, answer).await {
         Err(_) => return Judgement::new(Verdict::Retry, None, "timeout"),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
@@ -29,6 +29,7 @@ use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };
+use crate::service::{PassThrough, ResponseFuture, take_ready};
 
 /// How sessions are learned and heartbeated; built by the configuration.
 #[derive(Clone, Debug, Default)]
@@ -109,7 +110,7 @@ where
     type Error = UpstreamError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, UpstreamError>>>;
+    type Future = PassThrough<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -131,8 +132,7 @@ where
             .as_ref()
             .and_then(|c| c.route())
             .map(|r| r.session.as_slice());
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let id = req.extensions().get::<SessionId>().map(|s| s.0.clone());
         let captures = classified
             .as_ref()
@@ -182,7 +182,7 @@ where
         let tracker = self.tracker.clone();
         let config = self.config.clone();
         Either::Right(Box::pin(async move {
-            let fut: BoxFuture<'static, _> = Box::pin(inner.call(req));
+            let fut: ResponseFuture = Box::pin(inner.call(req));
             let resp = fut.await?;
             Ok(after_response(&tracker, &config, pending, guard, resp).await)
         }))
