@@ -74,8 +74,10 @@ impl Running {
 ///    answer of the retried request, and its own verification read is retried
 ///    too (bounded by the same deadline);
 /// 6. retry: replays the body on 5xx, resets, refused connections and
-///    timeouts, under the budget, and bounds the whole exchange by the deadline
-///    (`IDEMPROXY_REQUEST_TIMEOUT` or the route's `timeout=`);
+///    timeouts, under the budget, but after a failure the upstream may have
+///    processed only when a replay cannot run the call twice; bounds the
+///    whole exchange by the deadline (`IDEMPROXY_REQUEST_TIMEOUT` or the
+///    route's `timeout=`);
 /// 7. the pooled upstream client.
 pub fn build_stack(
     config: &Config,

@@ -190,7 +190,7 @@ pub struct Args {
     pub log_format: String,
 
     // --- Retries -------------------------------------------------------------
-    /// Retry classes (Envoy's words): 5xx, gateway-error, reset, connect-failure, timeout, retriable-status-codes.
+    /// Retry classes (Envoy's words): 5xx, gateway-error, reset, reset-before-request, refused-stream, connect-failure, timeout, retriable-status-codes; a failure after which the upstream may have processed the request is retried only when a replay is safe (see README).
     #[arg(
         long,
         env = "IDEMPROXY_RETRY_ON",
@@ -271,7 +271,16 @@ pub struct Args {
     )]
     pub retry_budget_min_per_sec: String,
 
-    /// Only these methods are retried (comma list); empty means all (writes carry idempotency keys).
+    /// Replay non-idempotent requests (POST, PATCH) even after the upstream may have processed them: a lost answer can then run a call twice. on|off.
+    #[arg(
+        long,
+        env = "IDEMPROXY_RETRY_UNSAFE_REQUESTS",
+        default_value = "off",
+        value_name = "BOOL"
+    )]
+    pub retry_unsafe_requests: String,
+
+    /// Only these methods are retried (comma list); empty means all (subject to the replay rules).
     #[arg(
         long,
         env = "IDEMPROXY_RETRY_METHODS",
@@ -381,7 +390,7 @@ pub struct Args {
     )]
     pub heartbeat_body: String,
 
-    /// Time from a session's last activity to its next heartbeat (±10% jitter).
+    /// Time from a session's last renewal (a heartbeat answered alive, or a renewing request) to its next heartbeat (±10% jitter).
     #[arg(
         long,
         env = "IDEMPROXY_HEARTBEAT_INTERVAL",
@@ -389,6 +398,15 @@ pub struct Args {
         value_name = "DURATION"
     )]
     pub heartbeat_interval: String,
+
+    /// Every client request of a session answered 2xx renews it (backends that extend a session on any request, such as MCP servers): on|off. Off: only heartbeats and `renews` routes do.
+    #[arg(
+        long,
+        env = "IDEMPROXY_REQUESTS_RENEW",
+        default_value = "off",
+        value_name = "BOOL"
+    )]
+    pub requests_renew: String,
 
     /// Heartbeats stop after this long without client traffic.
     #[arg(
@@ -868,6 +886,10 @@ fn retry_config(c: &mut Checker, args: &Args, request_timeout: Duration) -> Retr
         methods: (!methods.is_empty()).then_some(methods),
         max_replay_body,
         max_replay_memory,
+        retry_unsafe_requests: c.boolean(
+            "IDEMPROXY_RETRY_UNSAFE_REQUESTS",
+            &args.retry_unsafe_requests,
+        ),
     }
 }
 
@@ -1011,6 +1033,7 @@ fn session_config(
         heartbeat_body,
         set_headers,
         copy_headers,
+        requests_renew: c.boolean("IDEMPROXY_REQUESTS_RENEW", &args.requests_renew),
         max_response_body: 64 * 1024,
     };
     (sessions, layer)
@@ -1270,6 +1293,10 @@ impl Config {
                     .map_or(String::new(), |m| join(m.iter())),
             ),
             (
+                "RETRY_UNSAFE_REQUESTS",
+                on(self.retry.retry_unsafe_requests).into(),
+            ),
+            (
                 "MAX_REPLAY_BODY",
                 units::format_size(self.retry.max_replay_body as u64),
             ),
@@ -1317,6 +1344,10 @@ impl Config {
                     .map_or(String::new(), |t| t.to_string()),
             ),
             ("HEARTBEAT_INTERVAL", fmt_d(self.sessions.interval)),
+            (
+                "REQUESTS_RENEW",
+                on(self.session_layer.requests_renew).into(),
+            ),
             ("SESSION_IDLE_TIMEOUT", fmt_d(self.sessions.idle_timeout)),
             (
                 "HEARTBEAT_HEADERS",

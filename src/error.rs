@@ -3,7 +3,9 @@
 //! Layers return [`UpstreamError`]; only the edge ([`UpstreamError::into_response`])
 //! turns one into what the client sees: `502` when the upstream could not be
 //! reached or broke the exchange, `504` when a deadline passed, both with a JSON
-//! body `{"error", "detail", "attempts"}`.
+//! body `{"error", "detail", "attempts", "may_have_been_processed"}`. The last
+//! field tells an agent "safe to send again" (`false`: no attempt can have
+//! reached the upstream's handler) from "check first" (`true`).
 
 use std::time::Duration;
 
@@ -25,9 +27,19 @@ pub enum UpstreamError {
     /// The TCP connect did not finish in time.
     #[error("connecting to the upstream timed out after {0:?}")]
     ConnectTimeout(Duration),
-    /// The upstream closed or reset the connection before sending response headers.
+    /// The upstream closed or reset the connection after (part of) the
+    /// request was written and before response headers: it may have
+    /// processed the request.
     #[error("the upstream closed the connection before sending response headers: {0}")]
     Reset(#[source] BoxError),
+    /// The connection closed before any byte of the request was written: the
+    /// upstream cannot have processed it.
+    #[error("the upstream connection closed before the request was sent: {0}")]
+    ResetBeforeRequest(#[source] BoxError),
+    /// The HTTP/2 upstream refused the stream (`REFUSED_STREAM`, or a GOAWAY
+    /// that excluded it): it did not process the request.
+    #[error("the upstream refused the HTTP/2 stream without processing it: {0}")]
+    RefusedStream(#[source] BoxError),
     /// No response headers arrived before the deadline.
     #[error("no response headers from the upstream within {0:?}")]
     Timeout(Duration),
@@ -44,6 +56,8 @@ pub enum UpstreamError {
         last: Box<UpstreamError>,
         /// How many attempts were sent.
         attempts: u32,
+        /// Whether any of the attempts may have been processed upstream.
+        may_have_been_processed: bool,
     },
 }
 
@@ -55,6 +69,8 @@ impl UpstreamError {
             Self::Tls(_) => "tls",
             Self::ConnectTimeout(_) => "connect_timeout",
             Self::Reset(_) => "reset",
+            Self::ResetBeforeRequest(_) => "reset_before_request",
+            Self::RefusedStream(_) => "refused_stream",
             Self::Timeout(_) => "timeout",
             Self::RequestBody(_) => "request_body",
             Self::Other(_) => "other",
@@ -78,6 +94,26 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the upstream may have processed the request despite this
+    /// error: `false` only when no attempt can have reached its handler (the
+    /// connection failed, closed before the request was written, or the
+    /// stream was refused). A broken request body counts as `true`: part of
+    /// it may have been sent.
+    pub fn may_have_been_processed(&self) -> bool {
+        match self {
+            Self::Connect(_)
+            | Self::Tls(_)
+            | Self::ConnectTimeout(_)
+            | Self::ResetBeforeRequest(_)
+            | Self::RefusedStream(_) => false,
+            Self::Reset(_) | Self::Timeout(_) | Self::RequestBody(_) | Self::Other(_) => true,
+            Self::Exhausted {
+                may_have_been_processed,
+                ..
+            } => *may_have_been_processed,
+        }
+    }
+
     /// The status the client gets: `504` for deadlines, `400` for a broken
     /// request body, `502` otherwise.
     pub fn status(&self) -> StatusCode {
@@ -96,7 +132,13 @@ impl UpstreamError {
             StatusCode::BAD_REQUEST => "bad_request_body",
             _ => "upstream_unavailable",
         };
-        json_error(status, error, &self.to_string(), Some(self.attempts()))
+        let doc = serde_json::json!({
+            "error": error,
+            "detail": self.to_string(),
+            "attempts": self.attempts(),
+            "may_have_been_processed": self.may_have_been_processed(),
+        });
+        json_response(status, &doc)
     }
 }
 
@@ -111,6 +153,10 @@ pub fn json_error(
     if let (Some(n), Some(map)) = (attempts, doc.as_object_mut()) {
         map.insert("attempts".into(), n.into());
     }
+    json_response(status, &doc)
+}
+
+fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(body::full(doc.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

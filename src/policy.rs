@@ -11,8 +11,13 @@ pub struct RequestPolicy {
     pub retry: Option<bool>,
     /// The route's overall deadline (`timeout=`), replacing the global one.
     pub timeout: Option<Duration>,
-    /// `Some(true)`/`Some(false)` when the route says `idempotency-key=on|off`.
+    /// `Some(true)`/`Some(false)` when the route says `idempotency-key=on|off`
+    /// (`honoured` is `Some(true)`).
     pub idempotency_key: Option<bool>,
+    /// The route makes a replay after sending safe whatever the method: it
+    /// says `idempotency-key=honoured`, or it has a `verify=` rule (a replay
+    /// that meets the stored write gets a 409, which is verified).
+    pub replay_after_send: bool,
 }
 
 /// The session a request belongs to, when a session source found one.

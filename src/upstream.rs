@@ -165,6 +165,8 @@ fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -
     let mut reset = false;
     let mut user = false;
     let mut tls = false;
+    let mut before_request = false;
+    let mut refused = false;
     while let Some(e) = source {
         if e.downcast_ref::<rustls::Error>().is_some() {
             tls = true;
@@ -187,12 +189,20 @@ fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -
             }
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
+            // hyper cancels a request only when it never started writing it
+            // (the connection closed while the request was queued).
+            if h.is_canceled() {
+                before_request = true;
+            }
+            if h.is_incomplete_message() {
                 reset = true;
             }
             if h.is_user() {
                 user = true;
             }
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            refused |= is_refused_stream(h2);
         }
         source = e.source();
     }
@@ -207,10 +217,27 @@ fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -
         }
     } else if user {
         UpstreamError::RequestBody(err)
+    } else if refused {
+        UpstreamError::RefusedStream(err)
+    } else if before_request {
+        UpstreamError::ResetBeforeRequest(err)
     } else if reset {
         UpstreamError::Reset(err)
     } else {
         UpstreamError::Other(err)
+    }
+}
+
+/// Whether an HTTP/2 error says the upstream did not process the stream: a
+/// `RST_STREAM(REFUSED_STREAM)`, or a graceful GOAWAY (`NO_ERROR`) from the
+/// upstream, which h2 reports only on streams above the GOAWAY's last stream
+/// id (streams at or below it are finished normally). A GOAWAY with an error
+/// code reaches every open stream, processed or not, so it is not a refusal.
+fn is_refused_stream(error: &h2::Error) -> bool {
+    match error.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => error.is_reset() || error.is_go_away(),
+        Some(h2::Reason::NO_ERROR) => error.is_go_away() && error.is_remote(),
+        _ => false,
     }
 }
 

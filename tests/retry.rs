@@ -142,9 +142,9 @@ async fn refused_connections_are_retried_up_to_max_attempts_then_502() {
 }
 
 /// The first attempt of a POST hangs past `--try-timeout 100ms` after the
-/// upstream read its 200 KB body, the second answers: the client gets 200
-/// after 2 attempts, both carried the same body, and one `timeout` retry is
-/// counted.
+/// upstream read its 200 KB body, the second answers: on a route whose
+/// backend honours the idempotency key, the client gets 200 after 2
+/// attempts, both carried the same body, and one `timeout` retry is counted.
 #[tokio::test]
 async fn attempt_past_the_try_timeout_is_retried_as_timeout() {
     let upstream = Upstream::scripted(|_req, n| async move {
@@ -154,7 +154,16 @@ async fn attempt_past_the_try_timeout_is_retried_as_timeout() {
         Act::Reply(response(200, format!("answer {n}")))
     })
     .await;
-    let proxy = TestProxy::start(&upstream.url(), &args(&["--try-timeout", "100ms"])).await;
+    let proxy = TestProxy::start(
+        &upstream.url(),
+        &args(&[
+            "--try-timeout",
+            "100ms",
+            "--routes",
+            "POST /slow idempotency-key=honoured",
+        ]),
+    )
+    .await;
     let body: Vec<u8> = (0..200_000u32).map(|i| (i % 256) as u8).collect();
     let started = Instant::now();
     let resp = client()
@@ -265,8 +274,9 @@ async fn small_body_is_replayed_byte_identical() {
 }
 
 /// A POST whose connection the upstream drops after reading it, then a 503,
-/// then 201: all three attempts carry the byte-identical body, and the
-/// retries are counted as one `reset` and one `5xx`.
+/// then 201, under `--retry-unsafe-requests on`: all three attempts carry
+/// the byte-identical body, and the retries are counted as one `reset` and
+/// one `5xx`.
 #[tokio::test]
 async fn body_is_replayed_after_a_dropped_connection() {
     let upstream = Upstream::scripted(|_req, n| async move {
@@ -277,7 +287,7 @@ async fn body_is_replayed_after_a_dropped_connection() {
         }
     })
     .await;
-    let proxy = TestProxy::start(&upstream.url(), &args(&[])).await;
+    let proxy = TestProxy::start(&upstream.url(), &args(&["--retry-unsafe-requests", "on"])).await;
     let body = vec![b'x'; 10_000];
     let resp = client()
         .post(proxy.url("/v1/entries"))
@@ -291,6 +301,55 @@ async fn body_is_replayed_after_a_dropped_connection() {
     let metrics = proxy.metrics().await;
     assert_eq!(retries_metric(&metrics, "reset"), Some(1.0), "{metrics}");
     assert_eq!(retries_metric(&metrics, "5xx"), Some(1.0), "{metrics}");
+}
+
+/// Without an opt-in, a POST whose connection the upstream drops after
+/// reading it (it may have run the call) is sent once: the client gets a 502
+/// saying the request may have been processed, and the refusal is counted.
+/// A PUT in the same situation is replayed: it is idempotent.
+#[tokio::test]
+async fn a_post_that_may_have_run_is_never_replayed() {
+    let upstream = Upstream::scripted(|req, n| async move {
+        match (req.method().as_str(), n) {
+            ("POST", _) | ("PUT", 1) => Act::Drop,
+            _ => Act::Reply(response(200, "stored")),
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&upstream.url(), &args(&[])).await;
+    let resp = client()
+        .post(proxy.url("/v1/tools/call"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let doc: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(doc["may_have_been_processed"], true, "{doc}");
+    assert_eq!(doc["attempts"], 1, "{doc}");
+    assert_eq!(
+        upstream.requests.len(),
+        1,
+        "the POST reached the upstream once"
+    );
+
+    let resp = client()
+        .put(proxy.url("/v1/doc"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(attempts(&resp), Some("2"));
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "idemproxy_retries_refused_total{reason=\"reset\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 /// A body the client streams in chunks (no Content-Length) reaches the

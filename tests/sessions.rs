@@ -299,36 +299,41 @@ async fn idle_session_gets_heartbeats_at_the_interval() {
     assert_eq!(list[0]["consecutive_failures"], 0);
 }
 
-/// Client traffic every half interval pushes the heartbeat back: none is
-/// sent while the client is busy, and they resume once it goes quiet.
+/// Client traffic every half interval on a backend whose calls do not renew
+/// the session: heartbeats go on every interval while the client is busy.
+/// On a route declared `renews`, the same traffic renews the session and
+/// no heartbeat is needed.
 #[tokio::test]
-async fn traffic_pushes_the_next_heartbeat_back() {
-    let backend = Backend::start(|_| status(200)).await;
-    let proxy = proxy(
-        &backend,
-        &[
-            &HEARTBEAT,
-            &["--heartbeat-interval", "400ms"],
-            &["--session-sources", "header:x-session-id"],
-        ],
-    )
-    .await;
-    let sid = [("x-session-id", "busy")];
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(2000) {
-        assert_eq!(call(&proxy, "GET", "/v1/work", &sid).await.0, 200);
-        sleep_ms(200).await;
-    }
-    // An idle session would have had 4-5 heartbeats by now.
-    let during = backend.heartbeats().len();
-    assert!(during <= 1, "{during} heartbeats during steady traffic");
-
-    backend
-        .wait_until("a heartbeat once traffic stops", during + 1, |b| {
-            b.heartbeats().len()
-        })
+async fn busy_clients_get_heartbeats_unless_their_calls_renew() {
+    for (routes, busy_beats) in [("", 3..=6), ("GET /v1/work renews", 0..=1)] {
+        let backend = Backend::start(|_| status(200)).await;
+        let proxy = proxy(
+            &backend,
+            &[
+                &HEARTBEAT,
+                &["--heartbeat-interval", "400ms"],
+                &["--session-sources", "header:x-session-id"],
+                &["--routes", routes],
+            ],
+        )
         .await;
-    assert!(backend.heartbeats().iter().all(|h| h.sid() == Some("busy")));
+        let sid = [("x-session-id", "busy")];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(2000) {
+            assert_eq!(call(&proxy, "GET", "/v1/work", &sid).await.0, 200);
+            sleep_ms(200).await;
+        }
+        // A silent session gets 4-5 heartbeats in 2 s.
+        let during = backend.heartbeats().len();
+        assert!(
+            busy_beats.contains(&during),
+            "routes {routes:?}: {during} heartbeats during steady traffic"
+        );
+        assert!(backend.heartbeats().iter().all(|h| h.sid() == Some("busy")));
+        let list = sessions(&proxy).await;
+        assert_eq!(list[0]["last_activity_secs_ago"], 0, "{list:?}");
+        assert!(list[0]["last_renewal_secs_ago"].is_u64(), "{list:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------

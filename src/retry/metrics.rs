@@ -19,6 +19,7 @@ struct ReasonLabel {
 #[derive(Clone, Debug)]
 pub struct RetryMetrics {
     retries: Family<ReasonLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
     attempts: Histogram,
     budget_exhausted: Counter,
 }
@@ -27,6 +28,7 @@ impl Default for RetryMetrics {
     fn default() -> Self {
         Self {
             retries: Family::default(),
+            refused: Family::default(),
             attempts: Histogram::new(linear_buckets(1.0, 1.0, 10)),
             budget_exhausted: Counter::default(),
         }
@@ -34,21 +36,29 @@ impl Default for RetryMetrics {
 }
 
 impl RetryMetrics {
-    /// Registers `idemproxy_retries_total{reason}`, `idemproxy_attempts` and
+    /// Registers `idemproxy_retries_total{reason}`,
+    /// `idemproxy_retries_refused_total{reason}`, `idemproxy_attempts` and
     /// `idemproxy_retry_budget_exhausted_total` in `registry` (full names: use
     /// a registry without prefix).
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         // Every reason is exported from the start, so 0 reads as 0, not as absent.
         for class in super::RetryClass::ALL {
-            let _ = metrics.retries.get_or_create(&ReasonLabel {
+            let label = ReasonLabel {
                 reason: class.as_str(),
-            });
+            };
+            let _ = metrics.retries.get_or_create(&label);
+            let _ = metrics.refused.get_or_create(&label);
         }
         registry.register(
             "idemproxy_retries",
             "Retries sent upstream, by reason (Envoy retry_on word)",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "idemproxy_retries_refused",
+            "Retries not sent because the request may have been processed and a replay could run it twice, by reason",
+            metrics.refused.clone(),
         );
         registry.register(
             "idemproxy_attempts",
@@ -65,6 +75,14 @@ impl RetryMetrics {
 
     pub(crate) fn retried(&self, reason: RetryClass) {
         self.retries
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn refused(&self, reason: RetryClass) {
+        self.refused
             .get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             })

@@ -11,6 +11,14 @@
 //!   `connect-failure` or `timeout` (the per-try timeout) is retried; anything
 //!   else goes back at once. Response bodies are never buffered: once a
 //!   response is returned, the exchange is over;
+//! - replays a request after a failure after which the upstream may have
+//!   processed it (a `500`/`502`/`504`, a reset once the request was sent, a
+//!   per-try timeout) only when that cannot run it twice: an idempotent
+//!   method, a route that declares it safe
+//!   ([`RequestPolicy::replay_after_send`]: `idempotency-key=honoured` or
+//!   `verify=`), or [`RetryConfig::retry_unsafe_requests`]. Failures after
+//!   which it cannot have (connect failure, `reset-before-request`,
+//!   `refused-stream`, `503`, `429`) are always retried;
 //! - never retries when the client's own body failed, when the body was larger
 //!   than the replay cap (or the shared replay memory was full) and part of it
 //!   was already sent, when the route says `retry=off`
@@ -79,7 +87,7 @@ use self::backoff::Backoff;
 use self::budget::RetryBudget;
 pub use self::metrics::RetryMetrics;
 pub use self::policy::{ParseRetryOnError, RetryClass, RetryOn};
-use self::policy::{classify_error, classify_status, retry_after};
+use self::policy::{classify_error, classify_status, retry_after, status_may_have_been_processed};
 use self::replay::{NotReplayable, Replay, ReplayBody, ReplayMemory};
 
 /// The response header telling how many attempts were sent, when more than one.
@@ -119,6 +127,10 @@ pub struct RetryConfig {
     pub max_replay_body: usize,
     /// Bytes kept for replay across all requests (default 64 MiB).
     pub max_replay_memory: usize,
+    /// Replay non-idempotent requests even after a failure after which the
+    /// upstream may have processed them (default `false`): a lost answer can
+    /// then run a call twice. `IDEMPROXY_RETRY_UNSAFE_REQUESTS`.
+    pub retry_unsafe_requests: bool,
 }
 
 impl RetryConfig {
@@ -171,6 +183,7 @@ impl Default for RetryConfig {
             methods: None,
             max_replay_body: Self::DEFAULT_MAX_REPLAY_BODY,
             max_replay_memory: Self::DEFAULT_MAX_REPLAY_MEMORY,
+            retry_unsafe_requests: false,
         }
     }
 }
@@ -276,6 +289,11 @@ where
         .and_then(|p| p.timeout)
         .unwrap_or(config.request_timeout);
     let deadline = Instant::now().checked_add(limit);
+    // A replay after the upstream may have processed the request must not be
+    // able to run it twice: see `replay_is_safe`.
+    let replay_safe = config.retry_unsafe_requests
+        || policy.is_some_and(|p| p.replay_after_send)
+        || is_idempotent(req.method());
     let retriable = policy.and_then(|p| p.retry) != Some(false)
         && config.max_attempts > 1
         && !config.retry_on.is_empty()
@@ -312,6 +330,8 @@ where
     );
     let mut request = Request::from_parts(head, body::boxed(first));
     let mut attempts: u32 = 0;
+    // Whether any attempt so far may have been processed upstream.
+    let mut processed = false;
 
     let outcome = loop {
         attempts += 1;
@@ -325,8 +345,16 @@ where
         .await
         {
             Ok(result) => result,
-            Err(DeadlinePassed) => break Err(UpstreamError::Timeout(limit)),
+            Err(DeadlinePassed) => {
+                processed = true;
+                break Err(UpstreamError::Timeout(limit));
+            }
         };
+        let this_processed = match &result {
+            Ok(rsp) => status_may_have_been_processed(rsp.status()),
+            Err(error) => error.may_have_been_processed(),
+        };
+        processed |= this_processed;
         let reason = match &result {
             Ok(rsp) => classify_status(
                 rsp.status(),
@@ -339,6 +367,10 @@ where
         let Some(reason) = reason else {
             break result;
         };
+        if this_processed && !replay_safe {
+            log.refused(reason, attempts);
+            break result;
+        }
         let Some(delay) = log.next_delay(&result, reason, attempts, &replay, deadline) else {
             break result;
         };
@@ -373,9 +405,20 @@ where
         Err(last) if attempts > 1 => Err(UpstreamError::Exhausted {
             last: Box::new(last),
             attempts,
+            may_have_been_processed: processed,
         }),
         Err(last) => Err(last),
     }
+}
+
+/// Whether `method` is idempotent (RFC 9110 §9.2.2): sending it twice has
+/// the effect of sending it once, so a replay after it may have been
+/// processed is safe.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Sends one attempt, bounded by the per-try timeout (a retriable
@@ -506,6 +549,19 @@ impl RetryLog<'_> {
             "retrying upstream request"
         );
         Some(delay)
+    }
+
+    /// A retriable failure after which the upstream may have processed the
+    /// request, on a request whose replay could run it twice.
+    fn refused(&self, reason: RetryClass, attempts: u32) {
+        self.shared.metrics.refused(reason);
+        tracing::info!(
+            request_id = self.request_id,
+            reason = reason.as_str(),
+            attempts,
+            "not retrying: the upstream may have processed the request, and a replay of this \
+             method is not safe on this route (see the README's replay rules)"
+        );
     }
 
     fn body_not_replayable(&self, reason: RetryClass, why: NotReplayable) {

@@ -24,8 +24,16 @@ pub enum RetryClass {
     FiveXx,
     /// `gateway-error`: a 502, 503 or 504 response.
     GatewayError,
-    /// `reset`: the connection closed before response headers.
+    /// `reset`: the connection closed before response headers, whether or not
+    /// the request was sent (it includes `reset-before-request` and
+    /// `refused-stream`).
     Reset,
+    /// `reset-before-request`: the connection closed before any byte of the
+    /// request was written.
+    ResetBeforeRequest,
+    /// `refused-stream`: the HTTP/2 upstream refused the stream
+    /// (`REFUSED_STREAM`, or a GOAWAY whose last stream id is below it).
+    RefusedStream,
     /// `connect-failure`: the connection could not be made (refused, TLS, connect timeout).
     ConnectFailure,
     /// `timeout`: no response headers within the per-try timeout.
@@ -36,18 +44,20 @@ pub enum RetryClass {
 
 impl RetryClass {
     /// Every class, in the order they are documented.
-    pub const ALL: [RetryClass; 6] = [
+    pub const ALL: [RetryClass; 8] = [
         Self::FiveXx,
         Self::GatewayError,
         Self::Reset,
+        Self::ResetBeforeRequest,
+        Self::RefusedStream,
         Self::ConnectFailure,
         Self::Timeout,
         Self::RetriableStatusCodes,
     ];
 
     /// The valid words, for help texts and error messages.
-    pub const VALID_WORDS: &'static str =
-        "5xx, gateway-error, reset, connect-failure, timeout, retriable-status-codes";
+    pub const VALID_WORDS: &'static str = "5xx, gateway-error, reset, reset-before-request, \
+         refused-stream, connect-failure, timeout, retriable-status-codes";
 
     /// The Envoy word for this class; also the `reason` label of the retry metric.
     pub fn as_str(self) -> &'static str {
@@ -55,6 +65,8 @@ impl RetryClass {
             Self::FiveXx => "5xx",
             Self::GatewayError => "gateway-error",
             Self::Reset => "reset",
+            Self::ResetBeforeRequest => "reset-before-request",
+            Self::RefusedStream => "refused-stream",
             Self::ConnectFailure => "connect-failure",
             Self::Timeout => "timeout",
             Self::RetriableStatusCodes => "retriable-status-codes",
@@ -180,11 +192,17 @@ pub fn classify_status(
 }
 
 /// The class an upstream error falls in, if it is retried at all. A broken
-/// request body (the client's fault) and unclassified errors never are.
+/// request body (the client's fault) and unclassified errors never are. The
+/// narrower `reset-before-request` and `refused-stream` are named when
+/// enabled themselves or through `reset`.
 pub fn classify_error(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> {
+    let narrow =
+        |class: RetryClass| (on.contains(class) || on.contains(RetryClass::Reset)).then_some(class);
     let class = match error {
         UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) => RetryClass::ConnectFailure,
         UpstreamError::Reset(_) => RetryClass::Reset,
+        UpstreamError::ResetBeforeRequest(_) => return narrow(RetryClass::ResetBeforeRequest),
+        UpstreamError::RefusedStream(_) => return narrow(RetryClass::RefusedStream),
         UpstreamError::Timeout(_) => RetryClass::Timeout,
         UpstreamError::RequestBody(_)
         | UpstreamError::Tls(_)
@@ -194,6 +212,13 @@ pub fn classify_error(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> 
         }
     };
     on.contains(class).then_some(class)
+}
+
+/// Whether the upstream may have processed a request that got `status`.
+/// `503` and `429` say it did not handle the request (RFC 9110 §15.6.4,
+/// RFC 6585 §4); any other status may come after the work was done.
+pub fn status_may_have_been_processed(status: StatusCode) -> bool {
+    status != StatusCode::SERVICE_UNAVAILABLE && status != StatusCode::TOO_MANY_REQUESTS
 }
 
 /// How long a `503` or `429` response asks the client to wait (`Retry-After`
@@ -221,7 +246,8 @@ mod tests {
     #[test]
     fn retry_on_parses_envoy_words() {
         let all = RetryOn::parse(
-            "5xx, gateway-error,reset,connect-failure , timeout,retriable-status-codes",
+            "5xx, gateway-error,reset,connect-failure , timeout,retriable-status-codes,\
+             reset-before-request, refused-stream",
         )
         .unwrap();
         for class in RetryClass::ALL {

@@ -27,6 +27,10 @@ enum Step {
     ConnectFail,
     /// Reads the whole body, then the connection breaks.
     Reset,
+    /// The connection closes before any byte of the request is read.
+    ResetBeforeRequest,
+    /// The HTTP/2 stream is refused before any byte of the request is read.
+    RefusedStream,
     /// Reads one frame of the body, then answers with this status.
     PartialThen(u16),
     /// Reads the whole body, then never answers.
@@ -103,7 +107,7 @@ impl Upstream {
             ..Seen::default()
         };
         let frames = match step {
-            Step::ConnectFail => Some(0),
+            Step::ConnectFail | Step::ResetBeforeRequest | Step::RefusedStream => Some(0),
             Step::PartialThen(_) | Step::HangAfterFrame => Some(1),
             _ => None,
         };
@@ -125,6 +129,8 @@ impl Upstream {
             }
             Step::ConnectFail => Err(UpstreamError::Connect("connection refused".into())),
             Step::Reset => Err(UpstreamError::Reset("connection reset".into())),
+            Step::ResetBeforeRequest => Err(UpstreamError::ResetBeforeRequest("closed".into())),
+            Step::RefusedStream => Err(UpstreamError::RefusedStream("REFUSED_STREAM".into())),
             Step::Hang | Step::HangAfterFrame => std::future::pending().await,
         }
     }
@@ -189,7 +195,23 @@ fn fast() -> RetryConfig {
     }
 }
 
+/// The policy of a route whose replays are safe (a `verify=` route).
+fn safe_route() -> RequestPolicy {
+    RequestPolicy {
+        replay_after_send: true,
+        ..RequestPolicy::default()
+    }
+}
+
+/// A POST on a route whose replays are safe: what most tests here replay.
 fn post(body: Body) -> Request<Body> {
+    let mut req = unsafe_post(body);
+    req.extensions_mut().insert(safe_route());
+    req
+}
+
+/// A POST on no route: a replay after it may have been processed is unsafe.
+fn unsafe_post(body: Body) -> Request<Body> {
     Request::builder()
         .method(Method::POST)
         .uri("/v1/sessions/s1/entries")
@@ -251,6 +273,8 @@ async fn each_reason_is_retried_and_counted() {
         ("gateway-error", Step::Status(502)),
         ("retriable-status-codes", Step::Status(429)),
         ("reset", Step::Reset),
+        ("reset-before-request", Step::ResetBeforeRequest),
+        ("refused-stream", Step::RefusedStream),
         ("connect-failure", Step::ConnectFail),
         ("timeout", Step::Hang),
     ];
@@ -486,7 +510,7 @@ async fn retries_never_outlive_the_route_deadline() {
         let mut req = post(body::empty());
         req.extensions_mut().insert(RequestPolicy {
             timeout: Some(Duration::from_secs(7)),
-            ..RequestPolicy::default()
+            ..safe_route()
         });
         let start = Instant::now();
         let rsp = h.send(req).await.unwrap();
@@ -554,7 +578,7 @@ async fn route_retry_off_disables_retries() {
     let mut req = post(body::full("x"));
     req.extensions_mut().insert(RequestPolicy {
         retry: Some(false),
-        ..RequestPolicy::default()
+        ..safe_route()
     });
     let rsp = h.send(req).await.unwrap();
     assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -612,7 +636,7 @@ async fn exhausted_errors_carry_the_attempt_count() {
     let h = Harness::new(config, Upstream::with_fallback(&[], Step::ConnectFail));
     let err = h.send(post(body::empty())).await.unwrap_err();
     assert!(
-        matches!(&err, UpstreamError::Exhausted { attempts: 2, last } if matches!(**last, UpstreamError::Connect(_)))
+        matches!(&err, UpstreamError::Exhausted { attempts: 2, last, may_have_been_processed: false } if matches!(**last, UpstreamError::Connect(_)))
     );
     assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
 }
@@ -665,4 +689,150 @@ async fn request_without_id_is_retried() {
     let h = Harness::new(fast(), Upstream::new(&[Step::Status(500)]));
     let rsp = h.send(Request::new(body::empty())).await.unwrap();
     assert_eq!(attempts_header(&rsp), Some("2"));
+}
+
+/// Every retry class × idempotent or not × each opt-in: how many times the
+/// upstream saw the request. A failure after which the upstream cannot have
+/// processed it is always retried; one after which it may have is retried
+/// only when a replay cannot run the call twice.
+#[tokio::test(start_paused = true)]
+async fn replays_after_sending_only_when_safe() {
+    // (class word, the failing step, whether the upstream may have processed it)
+    let failures = [
+        ("5xx", Step::Status(500), true),
+        ("5xx", Step::Status(502), true),
+        ("5xx", Step::Status(504), true),
+        ("gateway-error", Step::Status(502), true),
+        ("5xx", Step::Status(503), false),
+        ("retriable-status-codes", Step::Status(429), false),
+        ("reset", Step::Reset, true),
+        ("timeout", Step::Hang, true),
+        ("reset", Step::ResetBeforeRequest, false),
+        ("reset-before-request", Step::ResetBeforeRequest, false),
+        ("refused-stream", Step::RefusedStream, false),
+        ("connect-failure", Step::ConnectFail, false),
+    ];
+    // (what the request is, how to make it, whether its replay is safe);
+    // each also runs under the global opt-in (`IDEMPROXY_RETRY_UNSAFE_REQUESTS`).
+    type Make = fn() -> (Request<Body>, bool);
+    let requests: [(&str, Make); 7] = [
+        ("POST, no opt-in", || (unsafe_post(body::full("x")), false)),
+        ("PATCH, no opt-in", || {
+            let mut req = unsafe_post(body::full("x"));
+            *req.method_mut() = Method::PATCH;
+            (req, false)
+        }),
+        ("GET", || {
+            let mut req = unsafe_post(body::empty());
+            *req.method_mut() = Method::GET;
+            (req, true)
+        }),
+        ("PUT", || {
+            let mut req = unsafe_post(body::full("x"));
+            *req.method_mut() = Method::PUT;
+            (req, true)
+        }),
+        ("DELETE", || {
+            let mut req = unsafe_post(body::empty());
+            *req.method_mut() = Method::DELETE;
+            (req, true)
+        }),
+        (
+            "POST on a verify= or idempotency-key=honoured route",
+            || (post(body::full("x")), true),
+        ),
+        ("POST with retry=off on a safe route", || {
+            let mut req = unsafe_post(body::full("x"));
+            req.extensions_mut().insert(RequestPolicy {
+                retry: Some(false),
+                ..safe_route()
+            });
+            (req, false)
+        }),
+    ];
+    for unsafe_opt_in in [false, true] {
+        for (word, step, processed) in failures {
+            for (what, make) in requests {
+                let config = RetryConfig {
+                    retry_on: RetryOn::parse(word).unwrap(),
+                    try_timeout: Some(Duration::from_secs(1)),
+                    retry_unsafe_requests: unsafe_opt_in,
+                    ..fast()
+                };
+                let h = Harness::new(config, Upstream::new(&[step]));
+                let (req, safe) = make();
+                let retry_off = what.contains("retry=off");
+                let expect_retry = !retry_off && (!processed || safe || unsafe_opt_in);
+                let result = h.send(req).await;
+                let case = format!("{word} {step:?} / {what} / opt-in {unsafe_opt_in}");
+                assert_eq!(
+                    h.upstream.attempts(),
+                    if expect_retry { 2 } else { 1 },
+                    "{case}"
+                );
+                let refused = format!("idemproxy_retries_refused_total{{reason=\"{word}\"}} 1");
+                assert_eq!(
+                    h.metrics().contains(&refused),
+                    !expect_retry && !retry_off,
+                    "{case}: {}",
+                    h.metrics()
+                );
+                match result {
+                    Ok(rsp) if expect_retry => assert_eq!(rsp.status(), StatusCode::OK, "{case}"),
+                    // Not retried: the upstream's own answer, unchanged.
+                    Ok(rsp) => assert_ne!(rsp.status(), StatusCode::OK, "{case}"),
+                    Err(err) => {
+                        assert!(!expect_retry, "{case}: {err}");
+                        assert_eq!(err.may_have_been_processed(), processed, "{case}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// With no response at all, the client's 502 says whether the request may
+/// have been processed: `true` after a reset once sent, `false` when every
+/// attempt failed to connect.
+#[tokio::test]
+async fn error_answer_says_whether_the_request_may_have_been_processed() {
+    let h = Harness::new(fast(), Upstream::new(&[Step::Reset]));
+    let err = h.send(unsafe_post(body::full("x"))).await.unwrap_err();
+    let doc = json_body(err.into_response()).await;
+    assert_eq!(doc["may_have_been_processed"], true, "{doc}");
+    assert_eq!(doc["attempts"], 1, "{doc}");
+
+    let config = RetryConfig {
+        max_attempts: 2,
+        ..fast()
+    };
+    let h = Harness::new(config, Upstream::with_fallback(&[], Step::ConnectFail));
+    let err = h.send(unsafe_post(body::full("x"))).await.unwrap_err();
+    let rsp = err.into_response();
+    assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+    let doc = json_body(rsp).await;
+    assert_eq!(doc["may_have_been_processed"], false, "{doc}");
+    assert_eq!(doc["attempts"], 2, "{doc}");
+
+    // A GET that was reset once sent, then could not connect: it may have been processed.
+    let h = Harness::new(
+        config_with_attempts(2),
+        Upstream::new(&[Step::Reset, Step::ConnectFail]),
+    );
+    let mut get = unsafe_post(body::empty());
+    *get.method_mut() = Method::GET;
+    let err = h.send(get).await.unwrap_err();
+    assert!(err.may_have_been_processed(), "{err}");
+}
+
+fn config_with_attempts(max_attempts: u32) -> RetryConfig {
+    RetryConfig {
+        max_attempts,
+        ..fast()
+    }
+}
+
+async fn json_body(rsp: Response<Body>) -> serde_json::Value {
+    let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
 }

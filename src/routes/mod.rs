@@ -14,7 +14,8 @@
 //! `idempotency-key=on|off`, `timeout=DURATION`,
 //! `verify=same|location|METHOD:TEMPLATE` with `match=exists|json-subset|exact`
 //! and `recovered-status=CODE`, `session=SOURCE` (repeatable), `session-end`,
-//! `heartbeat=METHOD:TEMPLATE`.
+//! `renews` (`renews=on|off`), `heartbeat=METHOD:TEMPLATE`;
+//! `idempotency-key=honoured` declares that the backend deduplicates by the key.
 //!
 //! ```
 //! use http::Method;
@@ -153,8 +154,11 @@ pub struct Route {
     pub path: PathTemplate,
     /// `retry=on|off`; `None` keeps the global behaviour.
     pub retry: Option<bool>,
-    /// `idempotency-key=on|off`; `None` keeps the global method list.
+    /// `idempotency-key=on|off|honoured`; `None` keeps the global method list.
     pub idempotency_key: Option<bool>,
+    /// `idempotency-key=honoured`: the backend deduplicates requests by the
+    /// key, so a replay after sending cannot run a call twice.
+    pub key_honoured: bool,
     /// `timeout=`: the overall deadline for this route's requests.
     pub timeout: Option<Duration>,
     /// `verify=` with `match=` and `recovered-status=`: how a `409` is verified.
@@ -163,6 +167,10 @@ pub struct Route {
     pub session: Vec<SessionSource>,
     /// `session-end`: a request on this route ends its session.
     pub session_end: bool,
+    /// `renews` / `renews=on|off`: whether a `2xx` answer to this route's
+    /// request renews its session (the backend extends the session on it);
+    /// `None` keeps the global `IDEMPROXY_REQUESTS_RENEW`.
+    pub renews: Option<bool>,
     /// `heartbeat=`: overrides the global heartbeat for sessions this route registers.
     pub heartbeat: Option<HeartbeatTemplate>,
     /// The line as written (trimmed), for logs.
@@ -178,6 +186,7 @@ impl Route {
             retry: self.retry,
             timeout: self.timeout,
             idempotency_key: self.idempotency_key,
+            replay_after_send: self.key_honoured || self.verify.is_some(),
         }
     }
 }
@@ -194,8 +203,10 @@ impl fmt::Display for Route {
         if let Some(retry) = self.retry {
             write!(f, " retry={}", on_off(retry))?;
         }
-        if let Some(key) = self.idempotency_key {
-            write!(f, " idempotency-key={}", on_off(key))?;
+        match self.idempotency_key {
+            Some(_) if self.key_honoured => f.write_str(" idempotency-key=honoured")?,
+            Some(key) => write!(f, " idempotency-key={}", on_off(key))?,
+            None => {}
         }
         if let Some(timeout) = self.timeout {
             write!(f, " timeout={}", format_duration(timeout))?;
@@ -208,6 +219,9 @@ impl fmt::Display for Route {
         }
         if self.session_end {
             f.write_str(" session-end")?;
+        }
+        if let Some(renews) = self.renews {
+            write!(f, " renews={}", on_off(renews))?;
         }
         if let Some(heartbeat) = &self.heartbeat {
             write!(f, " heartbeat={}:{}", heartbeat.method, heartbeat.template)?;
@@ -359,6 +373,7 @@ mod tests {
                 retry: None,
                 timeout: Some(Duration::from_secs(5)),
                 idempotency_key: None,
+                replay_after_send: false,
             }
         );
         assert!(t.classify(&Method::GET, "/v2/x").is_none());

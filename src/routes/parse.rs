@@ -28,7 +28,7 @@ pub struct RouteError {
 const VERIFY_EXPECTED: &str =
     "expected verify=same, verify=location or verify=METHOD:/path/template";
 const OPTIONS_EXPECTED: &str = "unknown option: expected retry=, idempotency-key=, timeout=, \
-     verify=, match=, recovered-status=, session=, session-end or heartbeat=";
+     verify=, match=, recovered-status=, session=, session-end, renews or heartbeat=";
 
 /// Methods a route, a verification or a heartbeat may name.
 const METHODS: &[&str] = &[
@@ -114,10 +114,12 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
         path,
         retry: None,
         idempotency_key: None,
+        key_honoured: false,
         timeout: None,
         verify: None,
         session: Vec::new(),
         session_end: false,
+        renews: None,
         heartbeat: None,
         line: line.to_owned(),
         line_number: number,
@@ -149,6 +151,10 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                     "session-end is a flag and takes no value".into(),
                 ));
             }
+            ("renews", None) => {
+                route.renews = Some(true);
+                continue;
+            }
             (_, Some(value)) => value,
             (_, None) => {
                 return Err(error(
@@ -165,11 +171,26 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                 )
             }
             "idempotency-key" => {
-                route.idempotency_key = Some(on_off(value).ok_or_else(|| {
+                // `honoured`: the backend deduplicates by the key, so every
+                // attempt carries one and a replay after sending is safe.
+                route.key_honoured = value == "honoured";
+                let on = if route.key_honoured {
+                    Some(true)
+                } else {
+                    on_off(value)
+                };
+                route.idempotency_key = Some(on.ok_or_else(|| {
                     error(
                         word,
-                        "expected idempotency-key=on or idempotency-key=off".into(),
+                        "expected idempotency-key=on, idempotency-key=off or \
+                         idempotency-key=honoured"
+                            .into(),
                     )
+                })?);
+            }
+            "renews" => {
+                route.renews = Some(on_off(value).ok_or_else(|| {
+                    error(word, "expected renews, renews=on or renews=off".into())
                 })?);
             }
             "timeout" => {

@@ -1,7 +1,8 @@
 //! The request-path side of sessions: learns session ids from requests and
-//! responses, registers a session only on a `2xx`, keeps it active while a
-//! request of it is in flight (until the response body ends), and ends it on
-//! a `session-end` route.
+//! responses, registers a session only on a `2xx`, keeps it in use while a
+//! request of it is in flight (until the response body ends), renews it on a
+//! `2xx` when its route (or `IDEMPROXY_REQUESTS_RENEW`) says the backend
+//! counts the request as renewal, and ends it on a `session-end` route.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct SessionLayerConfig {
     /// `IDEMPROXY_HEARTBEAT_HEADERS`: request headers copied onto heartbeats
     /// (the session's own header or cookie source is always added).
     pub copy_headers: Vec<HeaderName>,
+    /// `IDEMPROXY_REQUESTS_RENEW`: every request of a session answered `2xx`
+    /// renews it (unless its route says `renews=off`); otherwise only
+    /// heartbeats and `renews` routes do.
+    pub requests_renew: bool,
     /// Largest response body read to find a `response-json:` session id.
     pub max_response_body: usize,
 }
@@ -320,7 +325,10 @@ async fn after_response(
         Some(known) => NewCredentials::Known(known),
         None => NewCredentials::Headers(&pending.credentials),
     };
-    tracker.observe_with(id.clone(), source, heartbeat, credentials);
+    let renews = route
+        .and_then(|r| r.renews)
+        .unwrap_or(config.requests_renew);
+    tracker.observe_with(id.clone(), source, heartbeat, credentials, renews);
     if guard.is_none() {
         // A session first seen in this response is active while its body streams.
         guard = tracker.begin_request(&id);

@@ -5,10 +5,16 @@
 //! [`InFlight`] guard ([`SessionTracker::begin_request`]). One scheduler task
 //! ([`SessionTracker::spawn_scheduler`]) serves every session from a single
 //! timer queue (no task per session) and sends each session's heartbeat to the
-//! upstream `interval` ±10% after its last activity:
+//! upstream `interval` ±10% after its last **renewal**:
 //!
-//! - client traffic pushes the next heartbeat back; a request in flight (a long
-//!   poll, a stream) keeps the session active, and heartbeats go on during it;
+//! - a renewal is a heartbeat answered alive, or a client request that the
+//!   backend itself counts as one ([`SessionTracker::renew`]; the request
+//!   path calls it for routes declared `renews`). Other client traffic never
+//!   postpones a heartbeat: on most backends it does not extend the session,
+//!   and a busy session must stay alive as surely as a silent one;
+//! - client traffic keeps a session in use: the idle timeout counts from the
+//!   last activity, and a request in flight (a long poll, a stream) keeps the
+//!   session in use while heartbeats go on;
 //! - a `2xx` keeps the session (when [`SessionConfig::alive_field`] is set, the
 //!   JSON answer must also contain that field); `401`, `403`, `404` and `410`
 //!   mean the session is gone: it is forgotten and never heartbeated again;
@@ -99,8 +105,8 @@ pub use tracker::{InFlight, Observed, SessionTracker, SessionView};
 /// Settings of the session tracker and its heartbeat scheduler.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
-    /// Time from a session's last activity (or last heartbeat) to its next
-    /// heartbeat, ±10% jitter. Default 30s; values under 100ms are raised to 100ms.
+    /// Time from a session's last renewal (or last heartbeat round) to its
+    /// next heartbeat, ±10% jitter. Default 30s; values under 100ms are raised to 100ms.
     pub interval: Duration,
     /// A session with no client activity for this long and no request in
     /// flight is dropped. Default 30m.

@@ -192,13 +192,13 @@ impl Scheduler {
                 self.pending.push_back(token);
             } else {
                 // Nothing to send: just look again in an interval.
-                session.last_beat = settings.stamp(now);
+                session.last_round = settings.stamp(now);
                 let when = session.wake_at(settings);
                 drop(session);
                 self.sleep(token, when);
             }
         } else {
-            // Activity moved the due time since the timer was set.
+            // A renewal moved the due time since the timer was set.
             let when = session.wake_at(settings);
             drop(session);
             self.sleep(token, when);
@@ -276,7 +276,8 @@ impl Scheduler {
         }
         let again = || Token::new(Arc::clone(&token.id), token.generation);
         if session.retries == 0 {
-            // Waiting for the pacer took time: activity may have come meanwhile.
+            // Waiting for the pacer took time: a renewal or the idle
+            // timeout may have come meanwhile.
             if session.is_idle(settings, now) {
                 drop(session);
                 self.expire_idle(again(), now);
@@ -336,7 +337,8 @@ impl Scheduler {
                 metrics.heartbeat(HeartbeatOutcome::Ok);
                 session.failures = 0;
                 session.retries = 0;
-                session.last_beat = settings.stamp(now);
+                session.last_renewal = settings.stamp(now);
+                session.last_round = settings.stamp(now);
                 session.jitter = draw_jitter();
                 let when = session.wake_at(settings);
                 drop(session);
@@ -366,7 +368,8 @@ impl Scheduler {
                 metrics.heartbeat(HeartbeatOutcome::Failed);
                 session.failures = session.failures.saturating_add(1);
                 session.retries = 0;
-                session.last_beat = settings.stamp(now);
+                // Not a renewal: the session's expiry did not move.
+                session.last_round = settings.stamp(now);
                 session.jitter = draw_jitter();
                 let failures = session.failures;
                 let when = session.wake_at(settings);

@@ -212,27 +212,65 @@ async fn idle_session_gets_heartbeats_every_interval() {
     up.shutdown().await;
 }
 
-/// Client traffic moves the next heartbeat to an interval after it.
+/// A busy client (a request every 2 s, interval 10 s) on a backend whose
+/// calls do not renew the session: its heartbeats still go every interval,
+/// and its activity keeps it in use past the idle timeout.
 #[tokio::test(start_paused = true)]
-async fn traffic_pushes_the_next_heartbeat_back() {
+async fn busy_traffic_never_postpones_heartbeats() {
+    let tracker = tracker(10, 15);
+    let up = start(&tracker, ok);
+    tracker.observe(reg("s-1", "tok"));
+    for _ in 0..30 {
+        sleep(secs(2.0)).await;
+        assert_eq!(tracker.observe(reg("s-1", "tok")), Observed::Refreshed);
+        let guard = tracker.begin_request("s-1").unwrap();
+        drop(guard);
+    }
+    // t = 60s: a heartbeat every 9-11 s since registration, traffic or not.
+    let beats = up.seen_for("s-1");
+    assert!((5..=6).contains(&beats.len()), "{} heartbeats", beats.len());
+    assert!(beats[0].at.elapsed() >= secs(49.0), "first beat by 11s");
+    assert_eq!(
+        tracker.len(),
+        1,
+        "busy: never idle, though idle timeout is 15s"
+    );
+    let view = &tracker.snapshot()[0];
+    assert_eq!(view.last_activity_secs_ago, 0);
+    assert!(view.last_renewal_secs_ago <= 11, "{view:?}");
+
+    // Abandoned: the idle timeout still ends it, and its heartbeats stop.
+    sleep(secs(16.0)).await;
+    assert_eq!(tracker.len(), 0, "idle for 16s > 15s");
+    let after = up.count();
+    sleep(secs(60.0)).await;
+    assert_eq!(up.count(), after);
+    up.shutdown().await;
+}
+
+/// A renewal (a request the backend counts as one) moves the next heartbeat
+/// to an interval after it; plain activity does not.
+#[tokio::test(start_paused = true)]
+async fn renewals_push_the_next_heartbeat_back() {
     let tracker = tracker(10, 3600);
     let up = start(&tracker, ok);
     tracker.observe(reg("s-1", "tok"));
     sleep(secs(8.0)).await;
-    assert_eq!(tracker.observe(reg("s-1", "tok")), Observed::Refreshed);
+    assert!(tracker.renew("s-1"));
+    assert!(!tracker.renew("unknown"));
 
     sleep(secs(8.5)).await; // t = 16.5s: due no earlier than 8s + 9s
-    assert_eq!(up.count(), 0, "traffic at 8s postponed the heartbeat");
+    assert_eq!(up.count(), 0, "the renewal at 8s postponed the heartbeat");
+    assert_eq!(tracker.snapshot()[0].last_renewal_secs_ago, 8);
     sleep(secs(3.0)).await; // t = 19.5s: due no later than 8s + 11s
     assert_eq!(up.count(), 1);
 
-    // The end of a request is activity too.
+    // A request in flight and its end are activity, not renewal.
     let guard = tracker.begin_request("s-1").unwrap();
-    sleep(secs(9.5)).await; // a heartbeat may come during the request
-    let during = up.count();
-    drop(guard); // t = 29s
-    sleep(secs(8.5)).await; // t = 37.5s: nothing due before 29s + 9s
-    assert_eq!(up.count(), during);
+    sleep(secs(5.0)).await;
+    drop(guard); // t = 24.5s
+    sleep(secs(6.0)).await; // t = 30.5s: due by 19.5s + 11s at the latest
+    assert_eq!(up.count(), 2, "activity postponed the heartbeat");
     up.shutdown().await;
 }
 
@@ -534,6 +572,7 @@ async fn snapshot_never_shows_the_raw_id_or_credentials() {
             digest,
             source: "header:Mcp-Session-Id".into(),
             last_activity_secs_ago: 3,
+            last_renewal_secs_ago: 3,
             next_heartbeat_in_secs: views[0].next_heartbeat_in_secs,
             consecutive_failures: 0,
             in_flight: 0,

@@ -79,10 +79,14 @@ pub(super) struct Session {
     pub(super) heartbeat: Option<Box<Beat>>,
     /// Copied credentials headers.
     pub(super) credentials: Credentials,
-    /// Last client activity ([`Settings::stamp`]).
+    /// Last client activity ([`Settings::stamp`]): what the idle timeout counts from.
     pub(super) last_activity: u64,
-    /// End of the last heartbeat round (or registration).
-    pub(super) last_beat: u64,
+    /// Last renewal: a heartbeat answered alive, a renewing request answered
+    /// `2xx`, or the registration. What the next heartbeat counts from.
+    pub(super) last_renewal: u64,
+    /// End of the last heartbeat round, alive or failed (or the
+    /// registration): a failed round is tried again an interval later, not at once.
+    pub(super) last_round: u64,
     pub(super) in_flight: u32,
     pub(super) failures: u32,
     /// This round's jitter of the interval, in permille.
@@ -95,10 +99,18 @@ pub(super) struct Session {
 
 impl Session {
     /// When the next heartbeat is due: the interval (with this round's
-    /// jitter) after the later of last activity and last heartbeat.
+    /// jitter) after the later of the last renewal and the last heartbeat
+    /// round. Client activity does not move it: on most backends an ordinary
+    /// call does not extend the session, so a busy session needs its
+    /// heartbeats as much as a silent one.
     pub(super) fn due(&self, settings: &Settings) -> Instant {
-        let anchor = settings.instant(self.last_activity.max(self.last_beat));
+        let anchor = settings.instant(self.last_renewal.max(self.last_round));
         anchor + jittered(settings.interval, self.jitter)
+    }
+
+    /// The last renewal.
+    pub(super) fn last_renewed(&self, settings: &Settings) -> Instant {
+        settings.instant(self.last_renewal)
     }
 
     /// The last client activity.
@@ -217,8 +229,11 @@ pub struct SessionView {
     pub digest: String,
     /// Where the id was found, e.g. `header:Mcp-Session-Id`.
     pub source: String,
-    /// Seconds since the last client activity.
+    /// Seconds since the last client activity (what the idle timeout counts from).
     pub last_activity_secs_ago: u64,
+    /// Seconds since the last renewal: a heartbeat answered alive, or a
+    /// request on a renewing route answered 2xx (what the next heartbeat counts from).
+    pub last_renewal_secs_ago: u64,
     /// Seconds until the next heartbeat is due (0 when due or being sent);
     /// `None` for a session without heartbeat.
     pub next_heartbeat_in_secs: Option<u64>,
@@ -260,7 +275,24 @@ impl SessionTracker {
             heartbeat,
             credentials,
         } = reg;
-        self.observe_with(id, source, heartbeat, NewCredentials::Headers(&credentials))
+        self.observe_with(
+            id,
+            source,
+            heartbeat,
+            NewCredentials::Headers(&credentials),
+            false,
+        )
+    }
+
+    /// Records that the backend renewed session `id` (a request it counts as
+    /// renewal was answered `2xx`): its next heartbeat is due one interval
+    /// from now. `false` for an unknown session.
+    pub fn renew(&self, id: &str) -> bool {
+        let Some(mut session) = self.shared.sessions.get_mut(id) else {
+            return false;
+        };
+        renewed(&mut session, self.shared.settings.stamp(Instant::now()));
+        true
     }
 
     /// The stored credentials of session `id` if they are exactly those
@@ -279,13 +311,15 @@ impl SessionTracker {
     }
 
     /// [`SessionTracker::observe`] with the credentials given either as
-    /// headers or as ones found by [`SessionTracker::same_credentials`].
+    /// headers or as ones found by [`SessionTracker::same_credentials`];
+    /// `renews`: the sighting is also a renewal ([`SessionTracker::renew`]).
     pub(super) fn observe_with(
         &self,
         id: Arc<str>,
         source: Arc<str>,
         heartbeat: Option<Arc<HeartbeatSpec>>,
         credentials: NewCredentials<'_>,
+        renews: bool,
     ) -> Observed {
         let now = Instant::now();
         let shared = &self.shared;
@@ -297,6 +331,7 @@ impl SessionTracker {
                 source,
                 heartbeat,
                 credentials,
+                renews,
             );
             return Observed::Refreshed;
         }
@@ -321,6 +356,7 @@ impl SessionTracker {
                     source,
                     heartbeat,
                     credentials,
+                    renews,
                 );
                 return Observed::Refreshed;
             }
@@ -331,7 +367,8 @@ impl SessionTracker {
                     heartbeat,
                     credentials,
                     last_activity: shared.settings.stamp(now),
-                    last_beat: shared.settings.stamp(now),
+                    last_renewal: shared.settings.stamp(now),
+                    last_round: shared.settings.stamp(now),
                     in_flight: 0,
                     failures: 0,
                     jitter: draw_jitter(),
@@ -435,6 +472,9 @@ impl SessionTracker {
                 last_activity_secs_ago: now
                     .saturating_duration_since(s.last_active(&shared.settings))
                     .as_secs(),
+                last_renewal_secs_ago: now
+                    .saturating_duration_since(s.last_renewed(&shared.settings))
+                    .as_secs(),
                 next_heartbeat_in_secs: s.heartbeat.as_ref().map(|_| {
                     s.due(&shared.settings)
                         .saturating_duration_since(now)
@@ -524,17 +564,29 @@ impl NewCredentials<'_> {
     }
 }
 
-/// Refreshes a known session with a new sighting. Its credentials are
-/// replaced only if they differ (then copied into a fresh allocation: a
-/// parsed header value shares the connection's read buffer).
+/// A renewal at `now`: the next heartbeat is due an interval later, with a
+/// fresh jitter.
+fn renewed(session: &mut Session, now: u64) {
+    session.last_renewal = now;
+    session.jitter = draw_jitter();
+}
+
+/// Refreshes a known session with a new sighting (and renews it if
+/// `renews`). Its credentials are replaced only if they differ (then copied
+/// into a fresh allocation: a parsed header value shares the connection's
+/// read buffer).
 fn refresh(
     session: &mut Session,
     now: u64,
     source: Arc<str>,
     heartbeat: Option<Box<Beat>>,
     credentials: NewCredentials<'_>,
+    renews: bool,
 ) {
     session.last_activity = now;
+    if renews {
+        renewed(session, now);
+    }
     match credentials {
         NewCredentials::Headers(headers) => {
             if !session.credentials.matches(headers.iter()) {
