@@ -3,6 +3,9 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use http::{Method, Version};
 use support::*;
 
@@ -196,4 +199,74 @@ async fn http1_only_tls_upstream_gets_http1() {
     let resp = h2c_client().get(proxy.url("/one")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream.requests.last().version, Version::HTTP_11);
+}
+
+/// An HTTP/2 upstream (ALPN `h2`) that refuses the first stream with
+/// `RST_STREAM(REFUSED_STREAM)` and answers every later one; returns its
+/// address and how many requests its handler ran.
+async fn refusing_h2_upstream(pki: &TestPki) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&["h2"], None));
+    let streams = Arc::new(AtomicUsize::new(0));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&ran);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (streams, ran) = (Arc::clone(&streams), Arc::clone(&handled));
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if streams.fetch_add(1, Ordering::SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    let head = http::Response::builder().status(200).body(()).unwrap();
+                    let mut body = respond.send_response(head, false).unwrap();
+                    body.send_data(bytes::Bytes::from_static(b"ran once"), true)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (addr, ran)
+}
+
+/// A POST (not idempotent, no opt-in) whose HTTP/2 stream the upstream
+/// refuses is retried: a refused stream was never processed. The handler
+/// runs once, and the retry is counted as `refused-stream`.
+#[tokio::test]
+async fn refused_h2_stream_is_retried_even_for_a_post() {
+    let pki = TestPki::new("idemproxy test CA");
+    let dir = TempDir::new();
+    let ca = dir.write("ca.pem", &pki.ca_pem);
+    let (addr, ran) = refusing_h2_upstream(&pki).await;
+    let proxy = TestProxy::start(
+        &format!("https://{addr}"),
+        &["--upstream-ca-file", ca.to_str().unwrap()],
+    )
+    .await;
+    let resp = client()
+        .post(proxy.url("/mcp"))
+        .body(r#"{"method":"tools/call"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-idemproxy-attempts"], "2");
+    assert_eq!(resp.text().await.unwrap(), "ran once");
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "idemproxy_retries_total{reason=\"refused-stream\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
