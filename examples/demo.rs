@@ -5,12 +5,31 @@
 //! cargo run --release --example demo -- --writes 2000 --fail-rate 0.3 --seed 1
 //! cargo run --release --example demo -- --retry-budget-ratio 0.2     # idemproxy's default budget
 //! cargo run --release --example demo -- -- --retry-on 5xx            # extra idemproxy flags after `--`
+//! cargo run --release --example demo -- --session-ttl 2s --agent-time 8s
 //! ```
 //!
-//! It starts the example session backend (`examples/session_backend.rs`) in this process with
-//! injected faults on writes (503s, resets, and "store-then-drop": the entry is stored, then the
-//! connection closes before the answer), and runs the same append workload twice, each time on a
-//! fresh backend with the same seed (so both runs face the same sequence of faults):
+//! It shows three failures of an unchanged client, each run directly and then through idemproxy,
+//! each run on a fresh backend (the example session backend, `examples/session_backend.rs`, in
+//! this process):
+//!
+//! - **Part 1, lost writes**: an append workload against a backend with injected faults on
+//!   writes (503s, resets, and "store-then-drop": the entry is stored, then the connection closes
+//!   before the answer).
+//! - **Part 2, a busy agent's session expires**: the backend's sessions expire `--session-ttl`
+//!   after creation or the last heartbeat, and ordinary calls do not extend them. An agent creates
+//!   a session and appends an entry every sixth of the TTL for `--agent-time`. Directly it sends no
+//!   heartbeat (it is busy, not idle), and the session dies under it; through idemproxy (the
+//!   README's route table, `--heartbeat` every third of the TTL) the session stays alive. Both
+//!   runs go on at the same time.
+//! - **Part 3, a side effect whose answer is lost**: the agent calls `POST
+//!   /v1/sessions/{sid}/actions` (say, "send the email"), which has no natural key; the backend
+//!   runs it and drops the connection before answering (`--store-then-drop-rate 1 --max-faults
+//!   1`). A typical retrying client runs it twice. idemproxy, with no opt-in, does not replay a
+//!   non-idempotent request that may have been processed: it runs once and the client gets a 502
+//!   whose JSON body says `"may_have_been_processed": true`.
+//!
+//! Part 1 runs the same append workload twice, each time on a fresh backend with the same seed
+//! (so both runs face the same sequence of faults):
 //!
 //! 1. **direct**: a typical client POSTs `{"uuid", "text"}` to `/v1/sessions/{sid}/entries`,
 //!    retries a connection error or a 5xx up to `--client-retries` times, and treats a `409`
@@ -20,11 +39,13 @@
 //! 2. **through idemproxy**: the same client, pointed at an in-process idemproxy, with no
 //!    retries of its own. idemproxy retries, and verifies a `409` by reading the entry back.
 //!
-//! Then it reads the backend's truth (the stored entries, its counters, idemproxy's `/metrics`)
-//! and prints a side-by-side table and an explanation computed from the numbers. It exits 1 if
-//! the proxied run lost a write or showed the client an error, so it doubles as a smoke check,
-//! and 2 if the demo itself could not run. The backend logs every injected fault on stderr;
-//! add `2>/dev/null` to see only the report.
+//! After each part it reads the backend's truth (the stored entries, its counters, idemproxy's
+//! `/metrics`) and prints a side-by-side table and an explanation computed from the numbers. It
+//! exits 1 if, through idemproxy, a write was lost or the client saw an error (part 1), the
+//! session died or an append failed (part 2), or the action did not run exactly once with a 502
+//! saying it may have been processed (part 3), so it doubles as a smoke check; and 2 if the demo
+//! itself could not run. The backend logs every injected fault on stderr; add `2>/dev/null` to
+//! see only the report.
 
 #[path = "session_backend.rs"]
 mod session_backend;
@@ -36,22 +57,38 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use clap::Parser;
 use idemproxy::config::{Args, Config};
 use idemproxy::retry::RetryConfig;
-use reqwest::header::CONTENT_TYPE;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use session_backend::{Backend, Options as BackendOptions, Stats};
+use session_backend::{Backend, Options as BackendOptions, Stats, parse_duration};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The route table the proxied run uses: session entries are verified by reading them back.
 const ROUTES: &str = "POST /v1/sessions/{sid}/entries session=path:sid verify=GET:/v1/sessions/{sid}/entries/{body.uuid}";
+
+/// The route table of parts 2 and 3: the README's. Sessions are learned from the create call's
+/// answer and from the path; the actions route matches the last line, which has no `verify=`.
+const SESSION_ROUTES: &str = "POST /v1/sessions session=response-json:id
+POST /v1/sessions/{sid}/entries session=path:sid verify=GET:/v1/sessions/{sid}/entries/{body.uuid}
+DELETE /v1/sessions/{sid} session=path:sid session-end
+* /v1/sessions/{sid}/{*rest} session=path:sid";
+
+/// The heartbeat of parts 2 and 3 (the README's): the only call that extends a session.
+const HEARTBEAT: &str = "POST /v1/sessions/{session}/heartbeat";
+
+/// What the agent of part 3 asks the backend to do.
+const ACTION: &str =
+    r#"{"action":"send_email","to":"user@example.com","subject":"Your report is ready"}"#;
 
 /// Longest wait for one HTTP exchange of the demo's client.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,7 +98,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Parser, Debug)]
 #[command(
     name = "demo",
-    about = "Runs the same append workload against a faulty backend directly and through idemproxy, and compares what was lost.",
+    about = "Runs the same workloads against a faulty backend directly and through idemproxy, and compares what was lost: writes, a busy agent's session, a side effect run twice.",
     max_term_width = 100
 )]
 struct Demo {
@@ -103,11 +140,19 @@ struct Demo {
     /// idemproxy --retry-budget-min-per-sec.
     #[arg(long, default_value = "10")]
     retry_budget_min_per_sec: String,
+    /// Part 2: the backend's session lifetime after creation or the last heartbeat (ordinary
+    /// calls do not extend it). idemproxy heartbeats every third of it; the agent appends every
+    /// sixth.
+    #[arg(long, default_value = "3s", value_parser = parse_ttl)]
+    session_ttl: Duration,
+    /// Part 2: how long the busy agent works.
+    #[arg(long, default_value = "10s", value_parser = parse_agent_time)]
+    agent_time: Duration,
     /// Show idemproxy's logs with this filter (e.g. info, idemproxy=debug); off by default.
     #[arg(long)]
     log: Option<String>,
     /// The whole demo must finish within this many seconds.
-    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=3600))]
     time_limit: u64,
     /// Extra idemproxy flags (after `--`), appended to the ones the demo sets.
     #[arg(last = true, value_name = "IDEMPROXY_FLAGS")]
@@ -121,10 +166,48 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A session TTL between 300 ms and 60 s.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if (Duration::from_millis(300)..=Duration::from_secs(60)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!(
+            "expected a duration between 300ms and 60s, got {s:?}"
+        ))
+    }
+}
+
+/// An agent run between 1 s and 5 min.
+fn parse_agent_time(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if (Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("expected a duration between 1s and 5m, got {s:?}"))
+    }
+}
+
 impl Demo {
     /// Fraction of write attempts that get any fault.
     fn fault_rate(&self) -> f64 {
         self.fail_rate + self.store_then_drop_rate + self.reset_rate
+    }
+
+    /// Part 2: idemproxy's heartbeat interval, a third of the session TTL.
+    fn heartbeat_interval(&self) -> Duration {
+        self.session_ttl / 3
+    }
+
+    /// Part 2: the time between two appends of the busy agent, half the heartbeat interval.
+    fn append_period(&self) -> Duration {
+        self.heartbeat_interval() / 2
+    }
+
+    /// Part 2: the appends the busy agent makes in `--agent-time`.
+    fn agent_appends(&self) -> u32 {
+        let n = self.agent_time.as_millis() / self.append_period().as_millis().max(1);
+        u32::try_from(n).unwrap_or(u32::MAX).max(1)
     }
 }
 
@@ -156,9 +239,17 @@ struct Outcome {
     recovered: bool,
 }
 
-/// Appends one entry: POST, retrying a connection error or a 5xx up to `retries` times with a
-/// short doubling pause; any other non-2xx, notably `409`, is final.
-async fn append(client: &reqwest::Client, url: &str, body: &str, retries: u32) -> Outcome {
+/// The final answer to a POST as a typical client sees it.
+struct Answer {
+    /// The status, headers and body of the final answer; `None`: no answer (connection failed).
+    response: Option<(StatusCode, HeaderMap, Bytes)>,
+    /// Requests the client sent.
+    attempts: u32,
+}
+
+/// POSTs a JSON `body`, retrying a connection error or a 5xx up to `retries` times with a
+/// short doubling pause; any other answer is final. This is what a typical client does.
+async fn post_retrying(client: &reqwest::Client, url: &str, body: &str, retries: u32) -> Answer {
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -168,53 +259,53 @@ async fn append(client: &reqwest::Client, url: &str, body: &str, retries: u32) -
             .body(body.to_owned())
             .send()
             .await;
-        let failure = match sent {
+        let response = match sent {
             Ok(resp) => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
                 // A real client reads the answer; a body cut short counts as a connection error.
                 match resp.bytes().await {
-                    Ok(_) if status.is_success() => {
-                        return Outcome {
-                            failure: None,
-                            client_attempts: attempts,
-                            proxy_attempts: headers
-                                .get("x-idemproxy-attempts")
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(1),
-                            recovered: headers.contains_key("x-idemproxy-recovered"),
-                        };
-                    }
-                    Ok(_) if status.is_server_error() => Failure::Status(status.as_u16()),
-                    Ok(_) => {
-                        let failure = if status == reqwest::StatusCode::CONFLICT {
-                            Failure::Conflict
-                        } else {
-                            Failure::Status(status.as_u16())
-                        };
-                        return Outcome {
-                            failure: Some(failure),
-                            client_attempts: attempts,
-                            proxy_attempts: 1,
-                            recovered: false,
-                        };
-                    }
-                    Err(_) => Failure::Transport,
+                    Ok(bytes) => Some((status, headers, bytes)),
+                    Err(_) => None,
                 }
             }
-            Err(_) => Failure::Transport,
+            Err(_) => None,
         };
-        if attempts > retries {
-            return Outcome {
-                failure: Some(failure),
-                client_attempts: attempts,
-                proxy_attempts: 1,
-                recovered: false,
-            };
+        let retriable = response
+            .as_ref()
+            .is_none_or(|(status, _, _)| status.is_server_error());
+        if !retriable || attempts > retries {
+            return Answer { response, attempts };
         }
         tokio::time::sleep(Duration::from_millis(10 << (attempts - 1).min(6))).await;
     }
+}
+
+/// Appends one entry with [`post_retrying`]; a non-2xx final answer, notably `409`, is a failure.
+async fn append(client: &reqwest::Client, url: &str, body: &str, retries: u32) -> Outcome {
+    let answer = post_retrying(client, url, body, retries).await;
+    let mut outcome = Outcome {
+        failure: Some(Failure::Transport),
+        client_attempts: answer.attempts,
+        proxy_attempts: 1,
+        recovered: false,
+    };
+    if let Some((status, headers, _)) = &answer.response {
+        if status.is_success() {
+            outcome.failure = None;
+            outcome.proxy_attempts = headers
+                .get("x-idemproxy-attempts")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            outcome.recovered = headers.contains_key("x-idemproxy-recovered");
+        } else if *status == StatusCode::CONFLICT {
+            outcome.failure = Some(Failure::Conflict);
+        } else {
+            outcome.failure = Some(Failure::Status(status.as_u16()));
+        }
+    }
+    outcome
 }
 
 /// Appends every entry of `uuids` with `concurrency` writers; the outcomes are in `uuids` order.
@@ -272,21 +363,26 @@ struct RunningBackend {
     task: JoinHandle<()>,
 }
 
+/// Part 1's backend: faults on writes, sessions that outlive the run.
+fn faulty_backend(demo: &Demo) -> BackendOptions {
+    BackendOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        session_ttl: Duration::from_secs(600),
+        fail_rate: demo.fail_rate,
+        store_then_drop_rate: demo.store_then_drop_rate,
+        reset_rate: demo.reset_rate,
+        max_faults: None,
+        latency: Duration::ZERO,
+        seed: Some(demo.seed),
+        quiet: true,
+    }
+}
+
 impl RunningBackend {
-    async fn start(demo: &Demo) -> Result<Self, BoxError> {
-        let opts = BackendOptions {
-            listen: ([127, 0, 0, 1], 0).into(),
-            session_ttl: Duration::from_secs(600),
-            fail_rate: demo.fail_rate,
-            store_then_drop_rate: demo.store_then_drop_rate,
-            reset_rate: demo.reset_rate,
-            latency: Duration::ZERO,
-            seed: Some(demo.seed),
-            quiet: true,
-        };
+    async fn start(opts: &BackendOptions) -> Result<Self, BoxError> {
         let listener = TcpListener::bind(opts.listen).await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let backend = Backend::new(&opts);
+        let backend = Backend::new(opts);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(backend.clone().serve(listener, async {
             let _ = stopped.await;
@@ -326,9 +422,34 @@ fn demo_proxy_flags(demo: &Demo) -> Vec<String> {
     flags
 }
 
-/// idemproxy's validated configuration in front of `upstream`: the demo's flags, then the
-/// extra ones given after `--`.
+/// The idemproxy flags of parts 2 and 3, besides `--routes` and [`demo_proxy_flags`].
+fn session_proxy_flags(demo: &Demo) -> Vec<String> {
+    vec![
+        "--heartbeat".to_owned(),
+        HEARTBEAT.to_owned(),
+        "--heartbeat-interval".to_owned(),
+        format!("{}ms", demo.heartbeat_interval().as_millis()),
+    ]
+}
+
+/// Part 1's idemproxy configuration in front of `upstream`.
 fn proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
+    proxy_config_with(demo, upstream, ROUTES, &[])
+}
+
+/// The idemproxy configuration of parts 2 and 3 in front of `upstream`.
+fn session_proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
+    proxy_config_with(demo, upstream, SESSION_ROUTES, &session_proxy_flags(demo))
+}
+
+/// idemproxy's validated configuration in front of `upstream`: `routes`, the demo's flags,
+/// `extra`, then the flags given after `--`.
+fn proxy_config_with(
+    demo: &Demo,
+    upstream: &str,
+    routes: &str,
+    extra: &[String],
+) -> Result<Config, BoxError> {
     let mut argv: Vec<String> = [
         "idemproxy",
         "--upstream",
@@ -345,12 +466,13 @@ fn proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    argv.extend(["--routes".to_owned(), ROUTES.to_owned()]);
+    argv.extend(["--routes".to_owned(), routes.to_owned()]);
     argv.extend(demo_proxy_flags(demo));
+    argv.extend(extra.iter().cloned());
     if let Err(e) = Args::try_parse_from(&argv) {
         return Err(format!(
-            "idemproxy does not accept the demo's flags: is its retry or 409 layer missing from \
-             this build?\n{e}"
+            "idemproxy does not accept the demo's flags: is its retry, 409 or heartbeat layer \
+             missing from this build?\n{e}"
         )
         .into());
     }
@@ -362,6 +484,7 @@ fn proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
             demo.proxy_args.join(" "),
             demo_proxy_flags(demo)
                 .iter()
+                .chain(extra)
                 .filter(|f| f.starts_with("--"))
                 .cloned()
                 .collect::<Vec<_>>()
@@ -559,6 +682,7 @@ fn stats_delta(before: &Stats, after: &Stats) -> Stats {
     d.requests -= before.requests.min(d.requests);
     d.entries_total -= before.entries_total.min(d.entries_total);
     d.docs_total -= before.docs_total.min(d.docs_total);
+    d.actions_total -= before.actions_total.min(d.actions_total);
     d.conflicts -= before.conflicts.min(d.conflicts);
     d.heartbeats -= before.heartbeats.min(d.heartbeats);
     d.faults.fail -= before.faults.fail.min(d.faults.fail);
@@ -567,9 +691,48 @@ fn stats_delta(before: &Stats, after: &Stats) -> Stats {
     d
 }
 
+/// idemproxy's `/metrics` (`None` for a direct run).
+async fn proxy_metrics(
+    reader: &reqwest::Client,
+    proxy: Option<&idemproxy::app::Running>,
+) -> Result<Option<Metrics>, BoxError> {
+    let Some(p) = proxy else { return Ok(None) };
+    let text = reader
+        .get(format!("http://{}/metrics", p.admin_addr))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(Some(Metrics::parse(&text)))
+}
+
+/// Stops a proxy that a run started, waiting a little for it to drain.
+async fn stop_proxy(proxy: Option<idemproxy::app::Running>) {
+    if let Some(proxy) = proxy {
+        proxy.shutdown();
+        let _ = tokio::time::timeout(STOP_TIMEOUT, proxy.wait()).await;
+    }
+}
+
+/// Where a run's client sends its requests, and how often it retries on its own.
+fn client_target(
+    demo: &Demo,
+    backend: &RunningBackend,
+    proxy: Option<&idemproxy::app::Running>,
+) -> (String, u32) {
+    match proxy {
+        Some(p) => (
+            format!("http://{}", p.listen_addr),
+            demo.proxied_client_retries,
+        ),
+        None => (backend.url.clone(), demo.client_retries),
+    }
+}
+
 /// Runs the workload on a fresh backend, directly (`proxied == false`) or through idemproxy.
 async fn run(demo: &Demo, proxied: bool, reader: &reqwest::Client) -> Result<Report, BoxError> {
-    let backend = RunningBackend::start(demo).await?;
+    let backend = RunningBackend::start(&faulty_backend(demo)).await?;
     let result = run_on(demo, proxied, reader, &backend).await;
     backend.stop().await;
     result
@@ -588,10 +751,7 @@ async fn run_on(
         None
     };
     let result = measure(demo, reader, backend, &sid, proxy.as_ref()).await;
-    if let Some(proxy) = proxy {
-        proxy.shutdown();
-        let _ = tokio::time::timeout(STOP_TIMEOUT, proxy.wait()).await;
-    }
+    stop_proxy(proxy).await;
     result
 }
 
@@ -602,13 +762,7 @@ async fn measure(
     sid: &str,
     proxy: Option<&idemproxy::app::Running>,
 ) -> Result<Report, BoxError> {
-    let (base, retries) = match proxy {
-        Some(p) => (
-            format!("http://{}", p.listen_addr),
-            demo.proxied_client_retries,
-        ),
-        None => (backend.url.clone(), demo.client_retries),
-    };
+    let (base, retries) = client_target(demo, backend, proxy);
     let uuids: Arc<Vec<String>> = Arc::new(
         (0..demo.writes)
             .map(|_| uuid::Uuid::new_v4().to_string())
@@ -626,19 +780,7 @@ async fn measure(
     let outcomes = workload(&client, &url, &uuids, demo.concurrency, retries).await?;
     let elapsed = started.elapsed();
     let backend_stats = stats_delta(&before, &backend.backend.stats());
-    let metrics = match proxy {
-        Some(p) => {
-            let text = reader
-                .get(format!("http://{}/metrics", p.admin_addr))
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?;
-            Some(Metrics::parse(&text))
-        }
-        None => None,
-    };
+    let metrics = proxy_metrics(reader, proxy).await?;
 
     let stored = stored_uuids(reader, &backend.url, sid).await?;
     let total_entries: usize = stored.values().sum();
@@ -1081,6 +1223,569 @@ fn wrap(text: &str, width: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Part 2: a busy agent whose session expires
+// ---------------------------------------------------------------------------
+
+/// What part 2 measured in one run.
+struct AgentReport {
+    appends: u32,
+    ok: u32,
+    /// Appends answered 404: the session had expired.
+    expired: u32,
+    /// Appends that failed otherwise.
+    other_failures: u32,
+    /// When the first append failed, counted from the session's creation.
+    first_failure: Option<Duration>,
+    /// Heartbeats the backend received (idemproxy's: the direct agent sends none).
+    heartbeats: u64,
+    /// Time left on the session at the end; `None`: it had expired.
+    left: Option<Duration>,
+    /// idemproxy's counters (the proxied run only).
+    proxy: Option<Metrics>,
+}
+
+impl AgentReport {
+    fn failed(&self) -> u32 {
+        self.expired + self.other_failures
+    }
+}
+
+/// Part 2's backend: no faults, sessions that live `--session-ttl` unless heartbeated.
+fn expiring_backend(demo: &Demo) -> BackendOptions {
+    BackendOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        session_ttl: demo.session_ttl,
+        seed: Some(demo.seed),
+        quiet: true,
+        ..BackendOptions::default()
+    }
+}
+
+/// The agent's client: no system proxy, bounded exchanges.
+fn agent_client() -> Result<reqwest::Client, BoxError> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(CLIENT_TIMEOUT)
+        .build()?)
+}
+
+/// Runs part 2 on a fresh backend, directly (`proxied == false`) or through idemproxy.
+async fn busy_agent(
+    demo: &Demo,
+    proxied: bool,
+    reader: &reqwest::Client,
+) -> Result<AgentReport, BoxError> {
+    let backend = RunningBackend::start(&expiring_backend(demo)).await?;
+    let result = busy_agent_on(demo, proxied, reader, &backend).await;
+    backend.stop().await;
+    result
+}
+
+async fn busy_agent_on(
+    demo: &Demo,
+    proxied: bool,
+    reader: &reqwest::Client,
+    backend: &RunningBackend,
+) -> Result<AgentReport, BoxError> {
+    let proxy = if proxied {
+        Some(start_proxy(demo, session_proxy_config(demo, &backend.url)?).await?)
+    } else {
+        None
+    };
+    let result = agent_work(demo, reader, backend, proxy.as_ref()).await;
+    stop_proxy(proxy).await;
+    result
+}
+
+/// The busy agent: creates a session, appends an entry every [`Demo::append_period`] and never
+/// heartbeats (it is working, not waiting); then the backend's truth about the session.
+async fn agent_work(
+    demo: &Demo,
+    reader: &reqwest::Client,
+    backend: &RunningBackend,
+    proxy: Option<&idemproxy::app::Running>,
+) -> Result<AgentReport, BoxError> {
+    let (base, retries) = client_target(demo, backend, proxy);
+    let client = agent_client()?;
+    let before = backend.backend.stats();
+    // Created where the agent sends everything: idemproxy learns the id from the answer.
+    let sid = create_session(&client, &base).await?;
+    let created = Instant::now();
+    let url = format!("{base}/v1/sessions/{sid}/entries");
+    let mut r = AgentReport {
+        appends: 0,
+        ok: 0,
+        expired: 0,
+        other_failures: 0,
+        first_failure: None,
+        heartbeats: 0,
+        left: None,
+        proxy: None,
+    };
+    let mut ticks = tokio::time::interval(demo.append_period());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 0..demo.agent_appends() {
+        ticks.tick().await;
+        let body = json!({
+            "uuid": uuid::Uuid::new_v4().to_string(),
+            "type": "assistant",
+            "text": format!("step {i}: still working on it"),
+        })
+        .to_string();
+        let outcome = append(&client, &url, &body, retries).await;
+        r.appends += 1;
+        match outcome.failure {
+            None => r.ok += 1,
+            Some(Failure::Status(404)) => r.expired += 1,
+            Some(_) => r.other_failures += 1,
+        }
+        if outcome.failure.is_some() && r.first_failure.is_none() {
+            r.first_failure = Some(created.elapsed());
+        }
+    }
+    r.heartbeats = stats_delta(&before, &backend.backend.stats()).heartbeats;
+    r.proxy = proxy_metrics(reader, proxy).await?;
+    // The truth, from the backend itself, while idemproxy still runs.
+    let resp = reader
+        .get(format!("{}/v1/sessions/{sid}", backend.url))
+        .send()
+        .await?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    r.left = match status {
+        StatusCode::OK => {
+            let doc: Value = serde_json::from_slice(&bytes)?;
+            let ms = doc
+                .get("expires_in_ms")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| format!("GET /v1/sessions/{{sid}} has no expires_in_ms: {doc}"))?;
+            Some(Duration::from_millis(ms))
+        }
+        StatusCode::NOT_FOUND => None,
+        other => return Err(format!("GET /v1/sessions/{{sid}} answered {other}").into()),
+    };
+    Ok(r)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// A duration for people: `500 ms`, `3 s`, `2.4 s`.
+fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// A measured duration, to a tenth of a second.
+fn secs1(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn print_agent_table(demo: &Demo, direct: &AgentReport, proxied: &AgentReport) {
+    let first = |r: &AgentReport| r.first_failure.map_or_else(|| "-".to_owned(), secs1);
+    let left = |r: &AgentReport| r.left.map_or_else(|| "-".to_owned(), secs1);
+    println!("{:<LABEL$}{:>10}{:>20}", "", "direct", "through idemproxy");
+    row(
+        &format!(
+            "appends (every {}, {})",
+            human(demo.append_period()),
+            human(demo.agent_time)
+        ),
+        direct.appends,
+        proxied.appends,
+    );
+    row("  answered 2xx", direct.ok, proxied.ok);
+    row("  failed", direct.failed(), proxied.failed());
+    row(
+        "    404: the session had expired",
+        direct.expired,
+        proxied.expired,
+    );
+    if direct.other_failures + proxied.other_failures > 0 {
+        row(
+            "    other failures",
+            direct.other_failures,
+            proxied.other_failures,
+        );
+    }
+    row(
+        "first failed append, after the create",
+        first(direct),
+        first(proxied),
+    );
+    row(
+        "heartbeats (backend's count)",
+        direct.heartbeats,
+        proxied.heartbeats,
+    );
+    row(
+        "session alive at the end",
+        yes_no(direct.left.is_some()),
+        yes_no(proxied.left.is_some()),
+    );
+    row("  time left on it", left(direct), left(proxied));
+}
+
+/// Part 2's explanation, computed from the numbers.
+fn explain_agent(demo: &Demo, direct: &AgentReport, proxied: &AgentReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let ttl = human(demo.session_ttl);
+    let interval = human(demo.heartbeat_interval());
+    let period = human(demo.append_period());
+    let mut s = format!(
+        "Direct: the agent created its session and appended an entry every {period} for {}. \
+         This backend extends a session only on a heartbeat, not on ordinary calls, and a busy \
+         agent sends none: it heartbeats while it waits, not while it works.",
+        human(demo.agent_time),
+    );
+    match direct.first_failure {
+        Some(first) => s.push_str(&format!(
+            " The session expired {ttl} after its creation, under the working agent: from {} on, \
+             {} of {} appends failed ({} with 404, session expired){}.",
+            secs1(first),
+            direct.failed(),
+            direct.appends,
+            direct.expired,
+            if direct.left.is_none() {
+                ", and the session is gone"
+            } else {
+                ""
+            },
+        )),
+        None => s.push_str(&format!(
+            " No append failed: the agent stopped before its session's {ttl} ran out; try a \
+             longer --agent-time."
+        )),
+    }
+    out.push(s);
+
+    let outcomes = proxied
+        .proxy
+        .as_ref()
+        .map(|m| m.counter_by_label("idemproxy_heartbeats"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(label, n)| format!("{n} {}", label.trim_start_matches("outcome=")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let outcomes = if outcomes.is_empty() {
+        String::new()
+    } else {
+        format!(" (idemproxy's count: {outcomes})")
+    };
+    let mut s = format!(
+        "Through idemproxy: the same agent, unchanged. idemproxy learned the session id from the \
+         create call's answer (session=response-json:id) and is configured to send {HEARTBEAT} \
+         every {interval}, counted from the session's last renewal (a heartbeat answered alive). \
+         The backend received {}{outcomes}.",
+        plural(proxied.heartbeats, "heartbeat", "heartbeats"),
+    );
+    match (proxied.failed(), proxied.left) {
+        (0, Some(left)) => s.push_str(&format!(
+            " {} of {} appends succeeded, and the session is alive at the end with {} left: the \
+             agent kept its session although its own calls never extended it.",
+            proxied.ok,
+            proxied.appends,
+            secs1(left),
+        )),
+        (failed, left) => {
+            s.push_str(&format!(
+                " But {} of {} appends failed{}{}.",
+                failed,
+                proxied.appends,
+                proxied
+                    .first_failure
+                    .map(|t| format!(", the first after {}", secs1(t)))
+                    .unwrap_or_default(),
+                if left.is_none() {
+                    ", and the session is gone"
+                } else {
+                    ""
+                },
+            ));
+            if proxied.heartbeats == 0 {
+                s.push_str(&format!(
+                    " idemproxy sent no heartbeat: it postponed the session's heartbeat after \
+                     every call of the agent, who calls every {period}, more often than the \
+                     {interval} interval; but here a call does not renew the session, so it \
+                     expired."
+                ));
+            }
+        }
+    }
+    out.push(s);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Part 3: a side effect whose answer is lost
+// ---------------------------------------------------------------------------
+
+/// What part 3 measured in one run.
+struct ActionReport {
+    /// Requests the client sent for its one call.
+    client_requests: u32,
+    /// The final answer's status; `None`: no answer at all.
+    status: Option<u16>,
+    /// `may_have_been_processed` of the answer's JSON body, when it has one.
+    may_have_been_processed: Option<bool>,
+    /// The `error` field of the answer's JSON body, when it has one.
+    error: Option<String>,
+    /// Times the backend ran the action.
+    runs: u64,
+    /// Requests the backend received for the call.
+    upstream_requests: u64,
+    /// idemproxy's counters (the proxied run only).
+    proxy: Option<Metrics>,
+}
+
+/// Part 3's backend: the first write (the action) runs, then its connection drops.
+fn dropping_backend(demo: &Demo) -> BackendOptions {
+    BackendOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        session_ttl: Duration::from_secs(600),
+        store_then_drop_rate: 1.0,
+        max_faults: Some(1),
+        seed: Some(demo.seed),
+        quiet: true,
+        ..BackendOptions::default()
+    }
+}
+
+/// Runs part 3 on a fresh backend, directly (`proxied == false`) or through idemproxy.
+async fn side_effect(
+    demo: &Demo,
+    proxied: bool,
+    reader: &reqwest::Client,
+) -> Result<ActionReport, BoxError> {
+    let backend = RunningBackend::start(&dropping_backend(demo)).await?;
+    let result = side_effect_on(demo, proxied, reader, &backend).await;
+    backend.stop().await;
+    result
+}
+
+async fn side_effect_on(
+    demo: &Demo,
+    proxied: bool,
+    reader: &reqwest::Client,
+    backend: &RunningBackend,
+) -> Result<ActionReport, BoxError> {
+    let proxy = if proxied {
+        Some(start_proxy(demo, session_proxy_config(demo, &backend.url)?).await?)
+    } else {
+        None
+    };
+    let result = call_action(demo, reader, backend, proxy.as_ref()).await;
+    stop_proxy(proxy).await;
+    result
+}
+
+/// The agent creates a session and calls the action once, as a typical client does; then the
+/// backend's truth about how often it ran.
+async fn call_action(
+    demo: &Demo,
+    reader: &reqwest::Client,
+    backend: &RunningBackend,
+    proxy: Option<&idemproxy::app::Running>,
+) -> Result<ActionReport, BoxError> {
+    let (base, retries) = client_target(demo, backend, proxy);
+    let client = agent_client()?;
+    let sid = create_session(&client, &base).await?;
+    let before = backend.backend.stats();
+    let url = format!("{base}/v1/sessions/{sid}/actions");
+    let answer = post_retrying(&client, &url, ACTION, retries).await;
+    let delta = stats_delta(&before, &backend.backend.stats());
+    let doc: Option<Value> = answer
+        .response
+        .as_ref()
+        .and_then(|(_, _, body)| serde_json::from_slice(body).ok());
+    let field = |name: &str| doc.as_ref().and_then(|d| d.get(name));
+    let listed = reader
+        .get(format!("{}/v1/sessions/{sid}/actions", backend.url))
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let listed: Value = serde_json::from_slice(&listed)?;
+    let runs = listed
+        .get("runs")
+        .and_then(Value::as_u64)
+        .ok_or("GET /v1/sessions/{sid}/actions has no \"runs\"")?;
+    if runs != delta.actions_total {
+        return Err(format!(
+            "the backend counts {} actions run but lists {runs}",
+            delta.actions_total
+        )
+        .into());
+    }
+    Ok(ActionReport {
+        client_requests: answer.attempts,
+        status: answer.response.as_ref().map(|(s, _, _)| s.as_u16()),
+        may_have_been_processed: field("may_have_been_processed").and_then(Value::as_bool),
+        error: field("error").and_then(Value::as_str).map(str::to_owned),
+        runs,
+        upstream_requests: delta.requests,
+        proxy: proxy_metrics(reader, proxy).await?,
+    })
+}
+
+impl ActionReport {
+    /// The final answer's status, or `none`.
+    fn answer(&self) -> String {
+        self.status
+            .map_or_else(|| "none".to_owned(), |s| s.to_string())
+    }
+
+    /// What the answer's body says about `may_have_been_processed`.
+    fn may_have(&self) -> &'static str {
+        match (self.status, self.may_have_been_processed) {
+            (_, Some(true)) => "true",
+            (_, Some(false)) => "false",
+            (Some(s), None) if s >= 500 => "absent",
+            _ => "-",
+        }
+    }
+
+    /// What part 3 must show through idemproxy: one run, a 502 saying it may have happened.
+    fn proxied_ok(&self) -> bool {
+        self.runs == 1 && self.status == Some(502) && self.may_have_been_processed == Some(true)
+    }
+}
+
+fn print_action_table(direct: &ActionReport, proxied: &ActionReport) {
+    let m = proxied.proxy.as_ref();
+    let counter = |name: &str| Opt(m.and_then(|m| m.counter(name)));
+    println!("{:<LABEL$}{:>10}{:>20}", "", "direct", "through idemproxy");
+    row("action calls by the agent", 1, 1);
+    row(
+        "requests the client sent",
+        direct.client_requests,
+        proxied.client_requests,
+    );
+    row(
+        "upstream requests (backend's count)",
+        direct.upstream_requests,
+        proxied.upstream_requests,
+    );
+    row(
+        "times the action ran (backend's count)",
+        direct.runs,
+        proxied.runs,
+    );
+    row("answer the client got", direct.answer(), proxied.answer());
+    row(
+        "  \"may_have_been_processed\"",
+        direct.may_have(),
+        proxied.may_have(),
+    );
+    row("retries by idemproxy", "-", counter("idemproxy_retries"));
+    row(
+        "replays refused as unsafe (idemproxy)",
+        "-",
+        counter("idemproxy_retries_refused"),
+    );
+}
+
+/// Part 3's explanation, computed from the numbers.
+fn explain_action(demo: &Demo, direct: &ActionReport, proxied: &ActionReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut s = "Direct: the agent asked the backend to send an email (POST \
+                 /v1/sessions/{sid}/actions, a call with no natural key). The backend ran it \
+                 (sent the email), then the connection dropped before the answer."
+        .to_owned();
+    if direct.runs > 1 {
+        s.push_str(&format!(
+            " The client retries a connection error (up to {}), so it sent the call again, and \
+             the backend, which cannot tell a repeat from a new call, ran it again: the action \
+             ran {} times (the user got {} emails), and the client got {}, so it never learns \
+             that anything went wrong.",
+            plural(demo.client_retries, "time", "times"),
+            direct.runs,
+            direct.runs,
+            direct.answer(),
+        ));
+    } else {
+        s.push_str(&format!(
+            " The action ran {} and the client got {}.",
+            plural(direct.runs, "time", "times"),
+            direct.answer(),
+        ));
+    }
+    out.push(s);
+
+    let retries = proxied
+        .proxy
+        .as_ref()
+        .and_then(|m| m.counter("idemproxy_retries"))
+        .unwrap_or(0);
+    let refused = proxied
+        .proxy
+        .as_ref()
+        .and_then(|m| m.counter("idemproxy_retries_refused"));
+    let mut s = format!(
+        "Through idemproxy: the same call{}. The Idempotency-Key that idemproxy attaches to a \
+         POST does not make a replay safe: this backend ignores it, and the call's route (* \
+         /v1/sessions/{{sid}}/{{*rest}}) has no verify= rule, so a replay could run the action \
+         twice.",
+        if demo.proxy_args.is_empty() {
+            ", and no opt-in"
+        } else {
+            ""
+        },
+    );
+    if proxied.proxied_ok() {
+        s.push_str(&format!(
+            " The connection dropped after the request was sent, so the backend may have run it, \
+             and idemproxy did not replay it{}. The action ran once, and the client got 502 with \
+             \"may_have_been_processed\": true{}: it is told the truth, and can check (GET \
+             /v1/sessions/{{sid}}/actions) before doing it again. A failure after which the \
+             backend cannot have processed the request (a refused connection, a 503) is still \
+             retried; replays after sending are allowed on a route whose backend honours the key \
+             (idempotency-key=honoured), on a route with verify=, or with \
+             --retry-unsafe-requests true.",
+            match refused {
+                Some(n) => format!(
+                    " (idemproxy_retries_refused_total: {})",
+                    plural(n, "replay", "replays")
+                ),
+                None => String::new(),
+            },
+            proxied
+                .error
+                .as_ref()
+                .map(|e| format!(" (error: {e:?})"))
+                .unwrap_or_default(),
+        ));
+    } else if proxied.runs > 1 {
+        s.push_str(&format!(
+            " Yet idemproxy replayed it after the connection dropped ({}), and the action ran {} \
+             times; the client got {}. This build retries a non-idempotent request that may \
+             have been processed (or a flag after `--` allows it).",
+            plural(retries, "retry", "retries"),
+            proxied.runs,
+            proxied.answer(),
+        ));
+    } else {
+        s.push_str(&format!(
+            " The action ran {} and the client got {} (\"may_have_been_processed\": {}), not \
+             the expected single run with a 502 saying it may have been processed.",
+            plural(proxied.runs, "time", "times"),
+            proxied.answer(),
+            proxied.may_have(),
+        ));
+    }
+    out.push(s);
+    out
+}
+
+// ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
 
@@ -1094,10 +1799,28 @@ async fn demo_main(demo: Demo) -> Result<ExitCode, BoxError> {
         .build()?;
     // Validate idemproxy's flags before any work (the real upstream is known only later).
     let retry = proxy_config(&demo, "http://127.0.0.1:9")?.retry;
+    session_proxy_config(&demo, "http://127.0.0.1:9")?;
+    println!(
+        "{}\n",
+        wrap(
+            "idemproxy demo: three failures of an unchanged client, each shown directly and then \
+             through idemproxy, each run on a fresh example backend.",
+            96
+        )
+    );
+    let deadline = Instant::now() + Duration::from_secs(demo.time_limit);
+    let time_limit = demo.time_limit;
+    let limit = |what: &'static str| {
+        move |_| -> BoxError {
+            format!("the {what} did not finish within --time-limit {time_limit} (seconds)").into()
+        }
+    };
+
+    // Part 1: lost writes.
     let intro = format!(
-        "idemproxy demo: {} appends per run, {} at a time, directly and then through idemproxy. \
-         The backend faults {:.0}% of write attempts: {:.0}% answer 503, {:.0}% are stored and \
-         then the connection drops, {:.0}% are reset (seed {}).",
+        "Part 1. Lost writes after transient errors: {} appends per run, {} at a time, directly \
+         and then through idemproxy. The backend faults {:.0}% of write attempts: {:.0}% answer \
+         503, {:.0}% are stored and then the connection drops, {:.0}% are reset (seed {}).",
         demo.writes,
         demo.concurrency,
         demo.fault_rate() * 100.0,
@@ -1111,28 +1834,79 @@ async fn demo_main(demo: Demo) -> Result<ExitCode, BoxError> {
     flags.extend(demo.proxy_args.iter().cloned());
     println!(
         "idemproxy flags:\n  --routes '{ROUTES}'\n  {}",
-        flags.join(" ")
+        shell_words(&flags)
     );
     println!("(the backend logs each injected fault on stderr; add 2>/dev/null to hide them)");
-    let deadline = Instant::now() + Duration::from_secs(demo.time_limit);
-    let time_limit = demo.time_limit;
-    let limit = |what: &'static str| {
-        move |_| -> BoxError {
-            format!("the {what} run did not finish within --time-limit {time_limit} (seconds)")
-                .into()
-        }
-    };
     let direct = tokio::time::timeout_at(deadline, run(&demo, false, &reader))
         .await
-        .map_err(limit("direct"))??;
+        .map_err(limit("direct run of part 1"))??;
     let proxied = tokio::time::timeout_at(deadline, run(&demo, true, &reader))
         .await
-        .map_err(limit("proxied"))??;
-
+        .map_err(limit("proxied run of part 1"))??;
     println!();
     print_table(&direct, &proxied);
     println!();
     for paragraph in explain(&demo, &retry, &direct, &proxied) {
+        println!("{}\n", wrap(&paragraph, 96));
+    }
+
+    // Part 2: a busy agent's session.
+    let intro = format!(
+        "Part 2. A busy agent's session expires: the backend's sessions expire {} after creation \
+         or the last heartbeat, and ordinary calls do not extend them. The agent creates a \
+         session and appends an entry every {} for {}, without a heartbeat (it is busy, not \
+         idle). idemproxy heartbeats every {} with the README's route table. Both runs go on at \
+         the same time.",
+        human(demo.session_ttl),
+        human(demo.append_period()),
+        human(demo.agent_time),
+        human(demo.heartbeat_interval()),
+    );
+    println!("{}\n", wrap(&intro, 96));
+    let mut flags = demo_proxy_flags(&demo);
+    flags.extend(demo.proxy_args.iter().cloned());
+    println!(
+        "idemproxy flags:\n  --routes '{SESSION_ROUTES}'\n  {}\n  {}",
+        shell_words(&session_proxy_flags(&demo)),
+        shell_words(&flags)
+    );
+    let (agent_direct, agent_proxied) = tokio::time::timeout_at(deadline, async {
+        tokio::join!(
+            busy_agent(&demo, false, &reader),
+            busy_agent(&demo, true, &reader)
+        )
+    })
+    .await
+    .map_err(limit("busy agent of part 2"))?;
+    let (agent_direct, agent_proxied) = (agent_direct?, agent_proxied?);
+    println!();
+    print_agent_table(&demo, &agent_direct, &agent_proxied);
+    println!();
+    for paragraph in explain_agent(&demo, &agent_direct, &agent_proxied) {
+        println!("{}\n", wrap(&paragraph, 96));
+    }
+
+    // Part 3: a side effect whose answer is lost.
+    let intro = format!(
+        "Part 3. A side effect whose answer is lost: the agent calls POST \
+         /v1/sessions/{{sid}}/actions once (send an email; no natural key, so every call runs \
+         again). The backend runs it, then drops the connection without answering. The direct \
+         client retries a connection error up to {}; through idemproxy, the same client with \
+         {}, the same idemproxy flags as part 2.",
+        plural(demo.client_retries, "time", "times"),
+        plural(demo.proxied_client_retries, "retry", "retries"),
+    );
+    println!("{}", wrap(&intro, 96));
+    let action_direct = tokio::time::timeout_at(deadline, side_effect(&demo, false, &reader))
+        .await
+        .map_err(limit("direct run of part 3"))??;
+    let action_proxied = tokio::time::timeout_at(deadline, side_effect(&demo, true, &reader))
+        .await
+        .map_err(limit("proxied run of part 3"))??;
+    println!();
+    print_action_table(&action_direct, &action_proxied);
+    println!();
+    for paragraph in explain_action(&demo, &action_direct, &action_proxied) {
         println!("{}\n", wrap(&paragraph, 96));
     }
 
@@ -1156,18 +1930,69 @@ async fn demo_main(demo: Demo) -> Result<ExitCode, BoxError> {
             problems.push(format!("{n} {what}"));
         }
     }
+    let mut problems: Vec<String> = problems
+        .into_iter()
+        .map(|p| format!("part 1 had {p}"))
+        .collect();
+    if agent_proxied.failed() > 0 {
+        problems.push(format!(
+            "part 2 had {}",
+            plural(agent_proxied.failed(), "failed append", "failed appends")
+        ));
+    }
+    if agent_proxied.left.is_none() {
+        problems.push("in part 2 the session expired".to_owned());
+    }
+    if !action_proxied.proxied_ok() {
+        problems.push(format!(
+            "in part 3 the action ran {} and the client got {}{}",
+            plural(action_proxied.runs, "time", "times"),
+            action_proxied.answer(),
+            match action_proxied.may_have() {
+                "-" => String::new(),
+                v => format!(" (\"may_have_been_processed\": {v})"),
+            },
+        ));
+    }
     if problems.is_empty() {
         println!(
-            "OK: through idemproxy every write was stored exactly once and the client saw no error."
+            "{}",
+            wrap(
+                "OK: through idemproxy every write was stored exactly once and the client saw no \
+                 error, the busy agent's session stayed alive with no failed append, and the \
+                 side effect ran once, with a 502 that says it may have been processed.",
+                96
+            )
         );
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "FAILED: the proxied run had {}. See the table above.",
-            problems.join(", ")
+            "{}",
+            wrap(
+                &format!(
+                    "FAILED: through idemproxy, {}. See the tables above.",
+                    problems.join("; ")
+                ),
+                96
+            )
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Flags as one would type them in a shell: values with spaces or braces in single quotes.
+fn shell_words(flags: &[String]) -> String {
+    flags
+        .iter()
+        .map(|f| {
+            if f.contains(|c: char| c.is_whitespace() || "{}*'\"$".contains(c)) {
+                format!("'{}'", f.replace('\'', r"'\''"))
+            } else {
+                f.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::main]

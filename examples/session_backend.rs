@@ -3,7 +3,8 @@
 //!
 //! It keeps agent sessions that expire `--session-ttl` after creation or after the last
 //! heartbeat (ordinary calls do not extend them), append-only session entries keyed by a
-//! client-chosen `uuid` (a duplicate is a `409`), and a CouchDB-like document store.
+//! client-chosen `uuid` (a duplicate is a `409`), session actions (a side effect with no natural
+//! key: every call runs again), and a CouchDB-like document store.
 //! It deliberately does not use the idemproxy library.
 //!
 //! ```text
@@ -19,11 +20,17 @@
 //! - `POST /v1/sessions/{sid}/heartbeat` → `{"id","expires_in_ms"}` (expiry = now + TTL)
 //! - `POST /v1/sessions/{sid}/entries` with `{"uuid": ..., ...}` → 201 and `Location`, or 409
 //! - `GET /v1/sessions/{sid}/entries[/{uuid}]`, `PUT|GET /db/{doc}`, `GET /healthz`, `GET /stats`
+//! - `POST /v1/sessions/{sid}/actions` with an optional JSON body runs an action (say, sends an
+//!   email) and records it: 201 `{"run": N}`, where N counts this session's runs so far. It has
+//!   no key, so a repeated call runs again. `GET /v1/sessions/{sid}/actions` →
+//!   `{"runs": N, "actions": [body, ...]}`.
 //!
 //! Faults (`--fail-rate`, `--store-then-drop-rate`, `--reset-rate`) hit writes only
-//! (`POST .../entries`, `PUT /db/...`): `fail` answers 503 without storing, `reset` closes the
-//! connection before storing, `store-then-drop` processes the write and then closes the
-//! connection without sending any response (curl: "Empty reply from server").
+//! (`POST .../entries`, `POST .../actions`, `PUT /db/...`): `fail` answers 503 without storing,
+//! `reset` closes the connection before storing, `store-then-drop` processes the write and then
+//! closes the connection without sending any response (curl: "Empty reply from server").
+//! `--max-faults N` stops injecting after N faults (e.g. `--store-then-drop-rate 1
+//! --max-faults 1`: exactly the first write's answer is lost).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -83,6 +90,9 @@ pub struct Options {
     /// Fraction of writes answered by closing the connection before storing.
     #[arg(long, env = "SESSION_BACKEND_RESET_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub reset_rate: f64,
+    /// Inject at most this many faults in all, then none (unset: no limit).
+    #[arg(long, env = "SESSION_BACKEND_MAX_FAULTS")]
+    pub max_faults: Option<u64>,
     /// Delay added to every request (e.g. 200ms).
     #[arg(long, env = "SESSION_BACKEND_LATENCY", default_value = "0ms", value_parser = parse_duration)]
     pub latency: Duration,
@@ -103,6 +113,7 @@ impl Default for Options {
             fail_rate: 0.0,
             store_then_drop_rate: 0.0,
             reset_rate: 0.0,
+            max_faults: None,
             latency: Duration::ZERO,
             seed: None,
             quiet: false,
@@ -111,7 +122,7 @@ impl Default for Options {
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` (a bare `0` is zero).
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -149,10 +160,12 @@ enum Fault {
 
 /// Draws one fault decision per write from a (possibly seeded) RNG.
 struct Faults {
-    rng: Mutex<StdRng>,
+    /// The RNG and the number of faults injected so far.
+    rng: Mutex<(StdRng, u64)>,
     fail: f64,
     store_then_drop: f64,
     reset: f64,
+    max: Option<u64>,
 }
 
 impl Faults {
@@ -161,16 +174,23 @@ impl Faults {
             .seed
             .map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
         Faults {
-            rng: Mutex::new(rng),
+            rng: Mutex::new((rng, 0)),
             fail: opts.fail_rate,
             store_then_drop: opts.store_then_drop_rate,
             reset: opts.reset_rate,
+            max: opts.max_faults,
         }
     }
 
     /// One uniform draw per write, split into consecutive bands: fail, store-then-drop, reset.
+    /// Once `max` faults were injected, none is.
     fn next(&self) -> Option<Fault> {
-        let r: f64 = lock(&self.rng).random();
+        let mut rng = lock(&self.rng);
+        let (rng, injected) = &mut *rng;
+        if self.max.is_some_and(|max| *injected >= max) {
+            return None;
+        }
+        let r: f64 = rng.random();
         let bands = [
             (self.fail, Fault::Fail),
             (self.store_then_drop, Fault::StoreThenDrop),
@@ -180,6 +200,7 @@ impl Faults {
         for (rate, fault) in bands {
             edge += rate;
             if r < edge {
+                *injected += 1;
                 return Some(fault);
             }
         }
@@ -196,6 +217,8 @@ pub struct Stats {
     pub entries_total: u64,
     /// `/db` documents stored.
     pub docs_total: u64,
+    /// Session actions run (`POST /v1/sessions/{sid}/actions` processed).
+    pub actions_total: u64,
     /// Writes answered (or, for store-then-drop, processed as) 409.
     pub conflicts: u64,
     /// Live sessions right now.
@@ -219,6 +242,8 @@ struct Session {
     /// Stored documents in insertion order, exactly the bytes the client sent.
     entries: Vec<Bytes>,
     by_uuid: HashMap<String, usize>,
+    /// The bodies of the actions run, in order (valid JSON; `{}` for an empty body).
+    actions: Vec<Bytes>,
 }
 
 #[derive(Default)]
@@ -354,7 +379,8 @@ impl Backend {
         let segs: Vec<&str> = path.split('/').skip(1).collect();
         let is_write = matches!(
             (&parts.method, segs.as_slice()),
-            (&Method::POST, ["v1", "sessions", _, "entries"]) | (&Method::PUT, ["db", _])
+            (&Method::POST, ["v1", "sessions", _, "entries" | "actions"])
+                | (&Method::PUT, ["db", _])
         );
         let fault = if is_write {
             self.inner.faults.next()
@@ -411,6 +437,8 @@ impl Backend {
             (&Method::POST, ["v1", "sessions", sid, "entries"]) => self.add_entry(sid, body),
             (&Method::GET, ["v1", "sessions", sid, "entries"]) => self.list_entries(sid),
             (&Method::GET, ["v1", "sessions", sid, "entries", uuid]) => self.get_entry(sid, uuid),
+            (&Method::POST, ["v1", "sessions", sid, "actions"]) => self.run_action(sid, body),
+            (&Method::GET, ["v1", "sessions", sid, "actions"]) => self.list_actions(sid),
             (&Method::PUT, ["db", doc]) => self.put_doc(doc, ct, body),
             (&Method::GET, ["db", doc]) => match lock(&self.inner.state).docs.get(*doc) {
                 Some((ct, bytes)) => raw_resp(StatusCode::OK, ct.clone(), bytes.clone()),
@@ -426,7 +454,7 @@ impl Backend {
                 | ["db", _]
                 | ["v1", "sessions"]
                 | ["v1", "sessions", _]
-                | ["v1", "sessions", _, "heartbeat" | "entries"]
+                | ["v1", "sessions", _, "heartbeat" | "entries" | "actions"]
                 | ["v1", "sessions", _, "entries", _],
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -446,6 +474,7 @@ impl Backend {
             expires_at: now + self.inner.ttl,
             entries: Vec::new(),
             by_uuid: HashMap::new(),
+            actions: Vec::new(),
         };
         st.sessions.insert(id.clone(), session);
         let mut resp = json_resp(
@@ -576,6 +605,44 @@ impl Backend {
         }
     }
 
+    /// Runs an action: there is no key to recognise a repeat, so every call runs it again.
+    fn run_action(&self, sid: &str, bytes: Bytes) -> Resp {
+        let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Ok(Bytes::from_static(b"{}"))
+        } else {
+            serde_json::from_slice::<Value>(&bytes).map(|_| bytes)
+        };
+        let mut st = lock(&self.inner.state);
+        let Some(session) = st.live(sid, Instant::now()) else {
+            return invalid_session(sid);
+        };
+        let body = match parsed {
+            Ok(body) => body,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid json", e.to_string()),
+        };
+        session.actions.push(body);
+        let run = session.actions.len();
+        st.stats.actions_total += 1;
+        json_resp(StatusCode::CREATED, &json!({"run": run}))
+    }
+
+    fn list_actions(&self, sid: &str) -> Resp {
+        let mut st = lock(&self.inner.state);
+        let Some(session) = st.live(sid, Instant::now()) else {
+            return invalid_session(sid);
+        };
+        // Action bodies are validated JSON, so splicing their bytes yields valid JSON.
+        let mut out = format!("{{\"runs\":{},\"actions\":[", session.actions.len()).into_bytes();
+        for (i, action) in session.actions.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(action);
+        }
+        out.extend_from_slice(b"]}");
+        raw_resp(StatusCode::OK, JSON, out.into())
+    }
+
     fn put_doc(&self, doc: &str, ct: Option<HeaderValue>, bytes: Bytes) -> Resp {
         let mut st = lock(&self.inner.state);
         if st.docs.contains_key(doc) {
@@ -670,12 +737,13 @@ async fn main() -> ExitCode {
     }
     drop(out);
     eprintln!(
-        "session_backend: ttl {:?}, latency {:?}, fail {}, store-then-drop {}, reset {}, seed {:?}",
+        "session_backend: ttl {:?}, latency {:?}, fail {}, store-then-drop {}, reset {}, max faults {:?}, seed {:?}",
         opts.session_ttl,
         opts.latency,
         opts.fail_rate,
         opts.store_then_drop_rate,
         opts.reset_rate,
+        opts.max_faults,
         opts.seed
     );
     let shutdown = async {
@@ -765,5 +833,23 @@ mod tests {
                 .iter()
                 .all(|f| *f == Some(Fault::StoreThenDrop))
         );
+    }
+
+    #[test]
+    fn max_faults_stops_injecting() {
+        let first_only = Options {
+            store_then_drop_rate: 1.0,
+            max_faults: Some(1),
+            ..Options::default()
+        };
+        let d = draws(&first_only, 50);
+        assert_eq!(d.first(), Some(&Some(Fault::StoreThenDrop)));
+        assert!(d.iter().skip(1).all(Option::is_none));
+        let none = Options {
+            fail_rate: 1.0,
+            max_faults: Some(0),
+            ..Options::default()
+        };
+        assert!(draws(&none, 50).iter().all(Option::is_none));
     }
 }
