@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request hot path: route matching, header
 //! rewriting, the replay copy of a request body, idempotency keys (random and
-//! fingerprint).
+//! fingerprint), and a new answer stored in the idempotency cache when it is
+//! empty and when it is at its cap of 50,000 entries.
 //!
 //! ```text
 //! cargo bench --bench hot_path                  # all
@@ -26,7 +27,9 @@ use http::{Method, Request};
 use http_body_util::BodyExt;
 use idemproxy::body::{self, Body};
 use idemproxy::buffered::BufferedBody;
-use idemproxy::idempotency::{IdempotencyKeyLayer, KeyConfig, KeyMode};
+use idemproxy::idempotency::{
+    CacheConfig, CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer, KeyConfig, KeyMode,
+};
 use idemproxy::policy::SessionId;
 use idemproxy::proxy::headers::{add_forwarded, strip_hop_by_hop};
 use idemproxy::retry::replay::{ReplayBody, ReplayMemory};
@@ -296,11 +299,58 @@ fn keys(c: &mut Criterion) {
     g.finish();
 }
 
+/// One client-keyed request through the cache layer over an upstream that
+/// answers at once, the answer drained so that it is stored.
+fn cached_exchange<S>(svc: &mut S, n: u64) -> usize
+where
+    S: Service<Request<Body>, Response = http::Response<Body>>,
+{
+    let mut req = Request::post("/v1/sessions/bench-1/entries")
+        .header("idempotency-key", n.to_string())
+        .header(header::AUTHORIZATION, "Bearer bench")
+        .body(body::full("{}"))
+        .expect("request");
+    req.extensions_mut()
+        .insert(BufferedBody::new(Bytes::from_static(b"{}")));
+    let Some(Ok(resp)) = svc.call(req).now_or_never() else {
+        return 0;
+    };
+    drain(resp.into_body())
+}
+
+fn idempotency_cache(c: &mut Criterion) {
+    let mut g = c.benchmark_group("idempotency_cache");
+    let upstream = tower::service_fn(|_req: Request<Body>| async {
+        Ok::<_, idemproxy::error::UpstreamError>(http::Response::new(body::full("stored")))
+    });
+    for (name, prefill, max_entries) in [("insert_empty", 0, 1), ("insert_at_50k", 50_000, 50_000)]
+    {
+        let config = CacheConfig {
+            max_entries,
+            ..CacheConfig::default()
+        };
+        let mut svc = IdempotencyCacheLayer::new(config, CacheMetrics::default()).layer(upstream);
+        let mut n = 0;
+        for _ in 0..prefill {
+            n += 1;
+            cached_exchange(&mut svc, n);
+        }
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                cached_exchange(&mut svc, n)
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     hot_path,
     route_matching,
     header_rewriting,
     replay_copy,
-    keys
+    keys,
+    idempotency_cache
 );
 criterion_main!(hot_path);

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tracing::{info, warn};
 
-use crate::admin::{Admin, Readiness};
+use crate::admin::{Admin, ControlConfig, Listener, Readiness};
 use crate::classify::{ClassifyConfig, ClassifyLayer};
 use crate::config::Config;
 use crate::idempotency::{CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer};
@@ -41,6 +42,8 @@ pub struct Running {
     pub listen_addr: SocketAddr,
     /// Where the admin listener is bound.
     pub admin_addr: SocketAddr,
+    /// Where the loopback admin control listener is bound, if configured.
+    pub control_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -156,10 +159,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let listener = server::bind(config.listen).await?;
     let admin_listener = server::bind(config.admin_listen).await?;
+    // Loopback only (checked in `config`): the one admin listener that serves changes.
+    let control_listener = match config.admin_control.listen {
+        Some(addr) => Some(server::bind(addr).await?),
+        None => None,
+    };
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let control_addr = control_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let readiness = Readiness::default();
-    let admin = Admin::new(registry, readiness.clone(), tracker.clone());
+    let admin = Admin::new(
+        registry,
+        readiness.clone(),
+        tracker.clone(),
+        ControlConfig {
+            listen: control_addr,
+            token: config.admin_control.token.clone(),
+        },
+    );
     let shutdown = CancellationToken::new();
     let limits = ServerLimits {
         max_header_size: config.max_header_size,
@@ -167,12 +187,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         max_connections: config.max_connections,
         drain_timeout: config.drain_timeout,
     };
-    info!(listen = %listen_addr, admin = %admin_addr, upstream = %config.upstream, "idemproxy started");
+    info!(
+        listen = %listen_addr,
+        admin = %admin_addr,
+        admin_control = control_addr.map(|a| a.to_string()),
+        admin_token = config.admin_control.token.is_some(),
+        upstream = %config.upstream,
+        "idemproxy started"
+    );
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let admin_stop = CancellationToken::new();
-        let admin_task =
-            tokio::spawn(admin.serve(admin_listener, admin_stop.clone().cancelled_owned()));
+        let control_task = control_listener.map(|l| {
+            tokio::spawn(admin.clone().serve(
+                l,
+                Listener::Control,
+                admin_stop.clone().cancelled_owned(),
+            ))
+        });
+        let admin_task = tokio::spawn(admin.serve(
+            admin_listener,
+            Listener::Admin,
+            admin_stop.clone().cancelled_owned(),
+        ));
         // One scheduler for every session's heartbeats, through the same pooled client.
         let heartbeat_stop = CancellationToken::new();
         let scheduler = tracker
@@ -192,11 +229,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+        if let Some(control_task) = control_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
+        }
         info!("idemproxy stopped");
     });
     Ok(Running {
         listen_addr,
         admin_addr,
+        control_addr,
         shutdown,
         task,
     })

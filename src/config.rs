@@ -26,9 +26,12 @@ use http::{HeaderName, Method, StatusCode};
 
 use std::sync::Arc;
 
+use crate::admin::{AdminToken, ControlConfig};
 use crate::idempotency::{CacheConfig, KeyConfig, KeyMode};
 use crate::retry::{RetryConfig, RetryOn};
-use crate::routes::{FieldPath, HeartbeatTemplate, RouteTable, SessionSource, Template};
+use crate::routes::{
+    FieldPath, HeartbeatTemplate, RouteTable, SessionSource, SessionSourceKind, Template,
+};
 use crate::sessions::{SessionConfig, SessionLayerConfig};
 use crate::units::{self, DURATION_EXPECTED, SIZE_EXPECTED};
 
@@ -37,6 +40,18 @@ use crate::units::{self, DURATION_EXPECTED, SIZE_EXPECTED};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 /// Default admin listener: all interfaces, so the kubelet's probes reach it.
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:7481";
+
+/// The most runtime worker threads (`IDEMPROXY_WORKERS`): more could not
+/// all be started.
+pub const MAX_WORKERS: usize = 1024;
+/// The most attempts of one request (`IDEMPROXY_MAX_ATTEMPTS`).
+pub const MAX_ATTEMPTS: usize = 100;
+/// The largest value of every other count (connections, idle connections,
+/// sessions, cache entries, heartbeat failures, heartbeats and retries per
+/// second). Durations are capped at [`units::MAX_DURATION`]. A larger value
+/// is refused at start-up like any bad value, so that no accepted value can
+/// overflow at run time.
+pub const MAX_COUNT: usize = 1_000_000;
 
 /// Command-line flags and environment variables, as text. See [`Config`] for meaning.
 #[derive(Debug, Clone, Parser)]
@@ -59,6 +74,19 @@ pub struct Args {
     /// Address of the admin listener: /healthz, /readyz, /metrics, /sessions.
     #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
     pub admin_listen: String,
+
+    /// Loopback address (e.g. 127.0.0.1:7482) of the admin control listener: the admin endpoints plus the ones that change state (DELETE /sessions/{digest}); empty: off.
+    #[arg(
+        long,
+        env = "IDEMPROXY_ADMIN_CONTROL_LISTEN",
+        default_value = "",
+        value_name = "ADDR"
+    )]
+    pub admin_control_listen: String,
+
+    /// File holding a bearer token (its content, trimmed) that allows changes (DELETE /sessions/{digest}) on the admin listener too, sent as `Authorization: Bearer <token>`; read once at start-up.
+    #[arg(long, env = "IDEMPROXY_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<String>,
 
     /// Time allowed to open a TCP connection to the upstream.
     #[arg(
@@ -371,6 +399,15 @@ pub struct Args {
     )]
     pub idempotency_cache_bytes: String,
 
+    /// Request headers whose values scope a client's idempotency key to that client (plus the session's own header): an answer is never replayed to, coalesced with or refused for a request with other values.
+    #[arg(
+        long,
+        env = "IDEMPROXY_IDEMPOTENCY_SCOPE_HEADERS",
+        default_value = "authorization,cookie",
+        value_name = "NAMES"
+    )]
+    pub idempotency_scope_headers: String,
+
     // --- Sessions and heartbeats ---------------------------------------------
     /// Heartbeat request `METHOD TEMPLATE`, e.g. `POST /v1/sessions/{session}/heartbeat`; empty: no heartbeats.
     #[arg(
@@ -480,6 +517,15 @@ pub struct Args {
     )]
     pub max_sessions: String,
 
+    /// Bytes the session table holds at most (ids, copied credentials, heartbeats, fixed costs); the oldest idle session is evicted first. A session id over 1 KiB or credentials over 16 KiB are not tracked.
+    #[arg(
+        long,
+        env = "IDEMPROXY_MAX_SESSION_BYTES",
+        default_value = "64MiB",
+        value_name = "SIZE"
+    )]
+    pub max_session_bytes: String,
+
     /// Session id sources tried on every request, e.g. header:Mcp-Session-Id,cookie:sid.
     #[arg(
         long,
@@ -552,6 +598,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// Who may change state: the loopback control listener and the token.
+    pub admin_control: ControlConfig,
     /// TCP connect timeout to the upstream.
     pub connect_timeout: Duration,
     /// Overall deadline to response headers.
@@ -693,7 +741,7 @@ impl Checker {
             Duration::from_secs(1),
             |v| match units::parse_duration(v) {
                 Ok(d) if d > Duration::ZERO => Ok(d),
-                Ok(_) => Err(format!("{DURATION_EXPECTED}, more than zero")),
+                Ok(_) => Err(format!("more than zero: {DURATION_EXPECTED}")),
                 Err(e) => Err(e.to_owned()),
             },
         )
@@ -710,10 +758,17 @@ impl Checker {
         })
     }
 
-    pub(crate) fn count(&mut self, variable: &'static str, value: &str, min: usize) -> usize {
+    /// A whole number in `min..=max`.
+    pub(crate) fn count(
+        &mut self,
+        variable: &'static str,
+        value: &str,
+        min: usize,
+        max: usize,
+    ) -> usize {
         self.parse(variable, value, min, |v| match v.trim().parse::<usize>() {
-            Ok(n) if n >= min => Ok(n),
-            _ => Err(format!("a whole number, at least {min}")),
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(format!("a whole number from {min} to {max}")),
         })
     }
 
@@ -761,6 +816,62 @@ fn parse_addr(text: &str) -> Result<SocketAddr, &'static str> {
     text.trim()
         .parse()
         .map_err(|_| "a socket address such as 127.0.0.1:7480 or [::1]:7480")
+}
+
+/// A loopback socket address: only processes of the pod reach it.
+fn parse_loopback_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr = parse_addr(text).map_err(str::to_owned)?;
+    if addr.ip().to_canonical().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!(
+            "a loopback address such as 127.0.0.1:7482 or [::1]:7482, because this listener serves the admin endpoints that change state and {} is reachable from outside the pod; to allow changes on the admin listener instead, set IDEMPROXY_ADMIN_TOKEN_FILE",
+            addr.ip()
+        ))
+    }
+}
+
+/// Whether listeners on `a` and `b` would compete for one port.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `IDEMPROXY_ADMIN_CONTROL_LISTEN` and `IDEMPROXY_ADMIN_TOKEN_FILE`; both
+/// off when empty. `others` are the traffic and admin listeners.
+fn admin_control_config(
+    c: &mut Checker,
+    args: &Args,
+    others: [Option<SocketAddr>; 2],
+) -> ControlConfig {
+    const VAR: &str = "IDEMPROXY_ADMIN_CONTROL_LISTEN";
+    let text = args.admin_control_listen.as_str();
+    let listen = if text.trim().is_empty() {
+        None
+    } else {
+        c.parse(VAR, text, None, |v| parse_loopback_addr(v).map(Some))
+    };
+    let taken = listen.and_then(|l| others.into_iter().flatten().find(|o| same_port(l, *o)));
+    if let Some(other) = taken {
+        c.issue(
+            VAR,
+            text,
+            format!(
+                "a loopback address on a port that no other listener of idemproxy uses ({other} is)"
+            ),
+        );
+    }
+    let token = args
+        .admin_token_file
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+        .and_then(|p| {
+            c.parse("IDEMPROXY_ADMIN_TOKEN_FILE", p, None, |v| {
+                AdminToken::read(v).map(Some)
+            })
+        });
+    ControlConfig { listen, token }
 }
 
 fn existing_file(text: &str) -> Result<PathBuf, &'static str> {
@@ -836,7 +947,12 @@ fn retry_config(c: &mut Checker, args: &Args, request_timeout: Duration) -> Retr
         Vec::new(),
         parse_statuses,
     );
-    let max_attempts = c.count("IDEMPROXY_MAX_ATTEMPTS", &args.max_attempts, 1);
+    let max_attempts = c.count(
+        "IDEMPROXY_MAX_ATTEMPTS",
+        &args.max_attempts,
+        1,
+        MAX_ATTEMPTS,
+    );
     let try_timeout = c.duration("IDEMPROXY_TRY_TIMEOUT", &args.try_timeout);
     let backoff_base = c.positive_duration("IDEMPROXY_BACKOFF_BASE", &args.backoff_base);
     let backoff_max = c.positive_duration("IDEMPROXY_BACKOFF_MAX", &args.backoff_max);
@@ -863,6 +979,7 @@ fn retry_config(c: &mut Checker, args: &Args, request_timeout: Duration) -> Retr
         "IDEMPROXY_RETRY_BUDGET_MIN_PER_SEC",
         &args.retry_budget_min_per_sec,
         0,
+        MAX_COUNT,
     );
     let methods = c.parse(
         "IDEMPROXY_RETRY_METHODS",
@@ -930,6 +1047,37 @@ fn parse_header_names(text: &str) -> Result<Vec<HeaderName>, &'static str> {
         .collect()
 }
 
+/// What `--check-config` and error messages show instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// A header-template option (`name: value` pairs separated by `;` or
+/// newlines) with every value replaced by [`REDACTED`]: header values may be
+/// credentials (`authorization: Bearer ...`). A part without `:` has no
+/// value and is kept, so that an error still shows what is wrong.
+fn redact_header_values(text: &str) -> String {
+    text.split([';', '\n'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|pair| match pair.split_once(':') {
+            Some((name, _)) => format!("{}: {REDACTED}", name.trim()),
+            None => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A URL with its user information (`user:password@`) replaced by [`REDACTED`].
+fn redact_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}{REDACTED}{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn parse_set_headers(text: &str) -> Result<Vec<(HeaderName, Template)>, String> {
     const EXPECTED: &str = "`name: template` pairs separated by `;` or newlines, e.g. x-lease-action: renew; x-lease-id: {session}";
     text.split([';', '\n'])
@@ -985,12 +1133,18 @@ fn session_config(
         Vec::new(),
         parse_header_names,
     );
-    let set_headers = c.parse(
-        "IDEMPROXY_HEARTBEAT_SET_HEADERS",
-        &args.heartbeat_set_headers,
-        Vec::new(),
-        parse_set_headers,
-    );
+    // Header values may be credentials: an error shows the names only.
+    let set_headers = match parse_set_headers(&args.heartbeat_set_headers) {
+        Ok(pairs) => pairs,
+        Err(e) => {
+            c.issue(
+                "IDEMPROXY_HEARTBEAT_SET_HEADERS",
+                &redact_header_values(&args.heartbeat_set_headers),
+                e,
+            );
+            Vec::new()
+        }
+    };
     let alive_field = if args.heartbeat_alive_field.trim().is_empty() {
         None
     } else {
@@ -1009,20 +1163,28 @@ fn session_config(
         "IDEMPROXY_HEARTBEAT_MAX_FAILURES",
         &args.heartbeat_max_failures,
         1,
+        MAX_COUNT,
     );
     let max_per_sec = c.count(
         "IDEMPROXY_HEARTBEAT_MAX_PER_SEC",
         &args.heartbeat_max_per_sec,
         1,
+        MAX_COUNT,
     );
     let request_timeout =
         c.positive_duration("IDEMPROXY_HEARTBEAT_TIMEOUT", &args.heartbeat_timeout);
-    let max_sessions = c.count("IDEMPROXY_MAX_SESSIONS", &args.max_sessions, 1);
+    let max_sessions = c.count("IDEMPROXY_MAX_SESSIONS", &args.max_sessions, 1, MAX_COUNT);
+    let max_bytes = c.size(
+        "IDEMPROXY_MAX_SESSION_BYTES",
+        &args.max_session_bytes,
+        64 * 1024,
+    );
     let sessions = SessionConfig {
         interval,
         idle_timeout,
         max_failures: u32::try_from(max_failures).unwrap_or(u32::MAX),
         max_sessions,
+        max_bytes,
         max_per_sec: u32::try_from(max_per_sec).unwrap_or(u32::MAX),
         alive_field,
         request_timeout,
@@ -1044,9 +1206,14 @@ impl Config {
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let mut c = Checker::default();
         let upstream = match &args.upstream {
-            Some(u) => c.parse("IDEMPROXY_UPSTREAM", u, None, |v| {
-                parse_upstream(v).map(Some)
-            }),
+            Some(u) => match parse_upstream(u) {
+                Ok(upstream) => Some(upstream),
+                Err(e) => {
+                    // A password in the URL is refused, and never echoed.
+                    c.issue("IDEMPROXY_UPSTREAM", &redact_userinfo(u), e);
+                    None
+                }
+            },
             None => {
                 c.issue(
                     "IDEMPROXY_UPSTREAM",
@@ -1062,6 +1229,7 @@ impl Config {
         let admin_listen = c.parse("IDEMPROXY_ADMIN_LISTEN", &args.admin_listen, None, |v| {
             parse_addr(v).map(Some)
         });
+        let admin_control = admin_control_config(&mut c, args, [listen, admin_listen]);
         let connect_timeout =
             c.positive_duration("IDEMPROXY_CONNECT_TIMEOUT", &args.connect_timeout);
         let request_timeout =
@@ -1070,7 +1238,12 @@ impl Config {
             "IDEMPROXY_UPSTREAM_IDLE_TIMEOUT",
             &args.upstream_idle_timeout,
         );
-        let upstream_max_idle = c.count("IDEMPROXY_UPSTREAM_MAX_IDLE", &args.upstream_max_idle, 0);
+        let upstream_max_idle = c.count(
+            "IDEMPROXY_UPSTREAM_MAX_IDLE",
+            &args.upstream_max_idle,
+            0,
+            MAX_COUNT,
+        );
         let ca_file = args.upstream_ca_file.as_deref().and_then(|p| {
             c.parse("IDEMPROXY_UPSTREAM_CA_FILE", p, None, |v| {
                 pem_certificates(v).map(Some)
@@ -1105,9 +1278,14 @@ impl Config {
         let max_header_size = c.size("IDEMPROXY_MAX_HEADER_SIZE", &args.max_header_size, 8192);
         let header_read_timeout =
             c.positive_duration("IDEMPROXY_HEADER_READ_TIMEOUT", &args.header_read_timeout);
-        let max_connections = c.count("IDEMPROXY_MAX_CONNECTIONS", &args.max_connections, 1);
+        let max_connections = c.count(
+            "IDEMPROXY_MAX_CONNECTIONS",
+            &args.max_connections,
+            1,
+            MAX_COUNT,
+        );
         let drain_timeout = c.duration("IDEMPROXY_DRAIN_TIMEOUT", &args.drain_timeout);
-        let workers = match c.count("IDEMPROXY_WORKERS", &args.workers, 0) {
+        let workers = match c.count("IDEMPROXY_WORKERS", &args.workers, 0, MAX_WORKERS) {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
@@ -1140,14 +1318,22 @@ impl Config {
             "IDEMPROXY_IDEMPOTENCY_CACHE_ENTRIES",
             &args.idempotency_cache_entries,
             1,
+            MAX_COUNT,
         );
         let cache_bytes = c.size(
             "IDEMPROXY_IDEMPOTENCY_CACHE_BYTES",
             &args.idempotency_cache_bytes,
             0,
         );
-        let idempotency_cache = (!cache_ttl.is_zero()).then(|| CacheConfig {
+        let scope_headers = c.parse(
+            "IDEMPROXY_IDEMPOTENCY_SCOPE_HEADERS",
+            &args.idempotency_scope_headers,
+            Vec::new(),
+            parse_header_names,
+        );
+        let mut idempotency_cache = (!cache_ttl.is_zero()).then(|| CacheConfig {
             header: keys.header.clone(),
+            scope_headers,
             ttl: cache_ttl,
             max_entries: cache_entries,
             max_bytes: cache_bytes,
@@ -1175,6 +1361,21 @@ impl Config {
             SessionSource::parse_list,
         );
         let (sessions, session_layer) = session_config(&mut c, args, &session_sources);
+        if let Some(cache) = &mut idempotency_cache {
+            // A session's own header identifies its client as well.
+            let session_headers = session_sources
+                .iter()
+                .chain(routes.iter().flat_map(|r| r.session.iter()))
+                .filter_map(|s| match s.kind() {
+                    SessionSourceKind::Header(name) => Some(name),
+                    _ => None,
+                });
+            for name in session_headers {
+                if !cache.scope_headers.contains(name) {
+                    cache.scope_headers.push(name.clone());
+                }
+            }
+        }
         let any_source =
             !session_sources.is_empty() || routes.iter().any(|r| !r.session.is_empty());
         if session_layer.heartbeat.is_some() && !any_source {
@@ -1194,6 +1395,7 @@ impl Config {
             upstream,
             listen,
             admin_listen,
+            admin_control,
             connect_timeout,
             request_timeout,
             upstream_idle_timeout,
@@ -1235,6 +1437,20 @@ impl Config {
             ("UPSTREAM", self.upstream.to_string()),
             ("LISTEN", self.listen.to_string()),
             ("ADMIN_LISTEN", self.admin_listen.to_string()),
+            (
+                "ADMIN_CONTROL_LISTEN",
+                self.admin_control
+                    .listen
+                    .map_or(String::new(), |a| a.to_string()),
+            ),
+            (
+                // The path only: the token itself is never shown.
+                "ADMIN_TOKEN_FILE",
+                self.admin_control
+                    .token
+                    .as_ref()
+                    .map_or(String::new(), |t| t.path().display().to_string()),
+            ),
             ("CONNECT_TIMEOUT", fmt_d(self.connect_timeout)),
             ("REQUEST_TIMEOUT", fmt_d(self.request_timeout)),
             ("UPSTREAM_IDLE_TIMEOUT", fmt_d(self.upstream_idle_timeout)),
@@ -1328,6 +1544,12 @@ impl Config {
                     .as_ref()
                     .map_or(String::new(), |c| units::format_size(c.max_bytes as u64)),
             ),
+            (
+                "IDEMPOTENCY_SCOPE_HEADERS",
+                self.idempotency_cache
+                    .as_ref()
+                    .map_or(String::new(), |c| join(c.scope_headers.iter())),
+            ),
             ("SESSION_SOURCES", join(self.session_sources.iter())),
             (
                 "HEARTBEAT",
@@ -1355,10 +1577,11 @@ impl Config {
             ),
             (
                 "HEARTBEAT_SET_HEADERS",
+                // Values may be credentials: names only.
                 self.session_layer
                     .set_headers
                     .iter()
-                    .map(|(n, t)| format!("{n}: {t}"))
+                    .map(|(n, _)| format!("{n}: {REDACTED}"))
                     .collect::<Vec<_>>()
                     .join("; "),
             ),
@@ -1379,6 +1602,10 @@ impl Config {
             ),
             ("HEARTBEAT_TIMEOUT", fmt_d(self.sessions.request_timeout)),
             ("MAX_SESSIONS", self.sessions.max_sessions.to_string()),
+            (
+                "MAX_SESSION_BYTES",
+                units::format_size(self.sessions.max_bytes as u64),
+            ),
         ];
         let mut out = String::new();
         for (name, value) in lines {
@@ -1443,6 +1670,29 @@ mod tests {
         assert!(text.contains("\"5x\""), "{text}");
         assert!(text.contains("IDEMPROXY_MAX_HEADER_SIZE"), "{text}");
         assert!(text.contains("IDEMPROXY_PRESERVE_HOST"), "{text}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_errors() {
+        assert_eq!(
+            redact_userinfo("http://user:pw@x:1/a@b"),
+            "http://<redacted>@x:1/a@b"
+        );
+        assert_eq!(redact_userinfo("user:pw@x"), "<redacted>@x");
+        assert_eq!(redact_userinfo("http://x/a@b"), "http://x/a@b");
+        assert_eq!(
+            redact_header_values("authorization: Bearer s3cret; x-a: {session}\nbad"),
+            "authorization: <redacted>; x-a: <redacted>; bad"
+        );
+        let err = Config::from_args(&args(&[
+            "--heartbeat-set-headers",
+            "authorization: Bearer s3cret; oops",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(err.contains("IDEMPROXY_HEARTBEAT_SET_HEADERS"), "{err}");
+        assert!(err.contains("oops"), "{err}");
     }
 
     #[test]

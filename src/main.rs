@@ -43,6 +43,19 @@ fn main() -> ExitCode {
     };
     idemproxy::telemetry::init(config.log.as_deref(), config.log_format);
     runtime.block_on(async move {
+        // Listened to before the listeners are bound: a SIGTERM that arrives
+        // while they are (a pod deleted as it starts) is kept, and the proxy
+        // drains as soon as it has started, instead of dying at once.
+        let shutdown = match shutdown_signal() {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::error!(error = %e, "idemproxy cannot listen for SIGTERM");
+                eprintln!(
+                    "idemproxy: cannot install the SIGTERM/SIGINT handler, so it could not drain on shutdown: {e}"
+                );
+                return ExitCode::FAILURE;
+            }
+        };
         let running = match idemproxy::app::start(config).await {
             Ok(r) => r,
             Err(e) => {
@@ -55,32 +68,33 @@ fn main() -> ExitCode {
                 };
             }
         };
-        shutdown_signal().await;
+        shutdown.await;
         running.shutdown();
         running.wait().await;
         ExitCode::SUCCESS
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Starts listening for SIGTERM and SIGINT at once (not when first polled);
+/// the future resolves on the first of them, including one that arrived
+/// before it was polled.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

@@ -11,14 +11,20 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// The longest duration any option accepts: 365 days (`8760h`). Every
+/// duration of idemproxy is read by [`parse_duration`], so no configured
+/// duration can overflow an `Instant` when added to the current time.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What is expected of a duration, for error messages.
 pub const DURATION_EXPECTED: &str =
-    "a duration such as 250ms, 10s, 5m or 1h30m (units: ms, s, m, h)";
+    "a duration such as 250ms, 10s, 5m or 1h30m (units: ms, s, m, h), at most 8760h (365 days)";
 /// What is expected of a size, for error messages.
 pub const SIZE_EXPECTED: &str =
     "a size such as 512, 64KiB, 1MiB or 2GiB (units: B, KiB, MiB, GiB, KB, MB, GB)";
 
-/// Parses a duration made of one or more `<number><unit>` parts. A bare `0` is zero.
+/// Parses a duration made of one or more `<number><unit>` parts. A bare `0`
+/// is zero; more than [`MAX_DURATION`] is refused.
 pub fn parse_duration(text: &str) -> Result<Duration, &'static str> {
     let s = text.trim();
     if s == "0" {
@@ -48,7 +54,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, &'static str> {
             "h" => Duration::from_secs(value.checked_mul(3600).ok_or(DURATION_EXPECTED)?),
             _ => return Err(DURATION_EXPECTED),
         };
-        total = total.checked_add(part).ok_or(DURATION_EXPECTED)?;
+        total = total
+            .checked_add(part)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or(DURATION_EXPECTED)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -114,6 +123,23 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         for bad in ["", "10", "s", "10x", "-1s", "1.5s", "10 s", "ms10"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn durations_are_capped_at_one_year() {
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("525600m"), Ok(MAX_DURATION));
+        assert_eq!(format_duration(MAX_DURATION), "8760h");
+        assert!(DURATION_EXPECTED.contains(&format_duration(MAX_DURATION)));
+        for long in [
+            "8760h1ms",
+            "8761h",
+            "3000000000000000h",
+            "18446744073709551615s",
+            "8760h8760h",
+        ] {
+            assert_eq!(parse_duration(long), Err(DURATION_EXPECTED), "{long}");
         }
     }
 

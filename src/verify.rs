@@ -190,7 +190,10 @@ struct Original {
     body: Option<BufferedBody>,
     session: Option<SessionId>,
     key: Option<IdempotencyKey>,
-    deadline: Instant,
+    /// `None`: too far to represent.
+    deadline: Option<Instant>,
+    /// The request's whole time limit, used when `deadline` is `None`.
+    timeout: Duration,
 }
 
 impl<S> Service<Request<Body>> for Verify<S>
@@ -293,7 +296,10 @@ impl<S> Verify<S> {
             body: req.extensions().get::<BufferedBody>().cloned(),
             session: req.extensions().get::<SessionId>().cloned(),
             key: req.extensions().get::<IdempotencyKey>().cloned(),
-            deadline: Instant::now() + timeout,
+            timeout,
+            // Durations are capped at parse time; a deadline that still
+            // could not be represented means none.
+            deadline: Instant::now().checked_add(timeout),
         })
     }
 }
@@ -325,11 +331,12 @@ where
         );
         return Err(PassReason::Undecidable);
     }
-    let remaining = original
-        .deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-        .ok_or(PassReason::VerifyFailed)?;
+    let remaining = match original.deadline {
+        Some(deadline) => deadline.checked_duration_since(Instant::now()),
+        None => Some(original.timeout),
+    }
+    .filter(|d| !d.is_zero())
+    .ok_or(PassReason::VerifyFailed)?;
 
     let mut req = Request::new(body::empty());
     *req.method_mut() = method;
@@ -438,6 +445,52 @@ async fn read_capped(mut body: Body, max: usize) -> Option<Bytes> {
     Some(buf.freeze())
 }
 
+/// The path and query that a 409's `Location` names on `upstream`, or
+/// `None` when it names anything else.
+///
+/// Accepted: a path-absolute reference (`/x`, `/x?y`), or an absolute URL
+/// whose scheme, host and port are the upstream's (`http://upstream:8080/x`),
+/// without user information. Refused: a scheme-relative `//host/x`, `/\host/x`
+/// (read as `//host/x` by some servers), any backslash, raw or
+/// percent-encoded (`%5C`), which some servers take for a path separator,
+/// relative references (`x`, `../x`), other schemes, hosts or ports, and
+/// fragments.
+pub fn location_target(upstream: &Upstream, location: &[u8]) -> Option<Uri> {
+    let text = std::str::from_utf8(location).ok()?;
+    if text.contains('\\') || text.to_ascii_lowercase().contains("%5c") || text.contains('#') {
+        return None;
+    }
+    let path_and_query = if text.starts_with('/') {
+        text
+    } else {
+        let uri: Uri = text.parse().ok()?;
+        let scheme = uri.scheme()?;
+        let authority = uri.authority()?;
+        if *scheme != upstream.scheme
+            || authority.as_str().contains('@')
+            || !upstream.is_same_authority(authority)
+        {
+            return None;
+        }
+        // What follows the authority: an empty path is `/`.
+        let start = text.find("://")? + 3;
+        let rest = text.get(start + authority.as_str().len()..)?;
+        match rest.chars().next() {
+            None => "/",
+            Some('/') => rest,
+            Some('?') => return Uri::try_from(format!("/{rest}")).ok(),
+            Some(_) => return None,
+        }
+    };
+    // `//host/x` would name another authority.
+    if path_and_query.starts_with("//") {
+        return None;
+    }
+    let uri = Uri::try_from(path_and_query).ok()?;
+    (uri.scheme().is_none() && uri.authority().is_none() && uri.path().starts_with('/'))
+        .then_some(uri)
+}
+
 /// The verification request's method and URI (path and query only).
 fn target(
     config: &VerifyConfig,
@@ -452,24 +505,14 @@ fn target(
             Ok((Method::GET, uri))
         }
         VerifyTarget::Location => {
-            let location = location
-                .and_then(|v| v.to_str().ok())
-                .ok_or(PassReason::Undecidable)?;
-            let uri: Uri = location.parse().map_err(|_| PassReason::Undecidable)?;
-            if let Some(authority) = uri.authority() {
-                if !config.upstream.is_same_authority(authority) {
-                    warn!(
-                        route,
-                        "the 409's Location points to another host; not followed"
-                    );
-                    return Err(PassReason::Undecidable);
-                }
-            }
-            let pq = uri.path_and_query().ok_or(PassReason::Undecidable)?;
-            if !pq.as_str().starts_with('/') {
-                return Err(PassReason::Undecidable);
-            }
-            let uri = Uri::try_from(pq.as_str()).map_err(|_| PassReason::Undecidable)?;
+            let location = location.ok_or(PassReason::Undecidable)?;
+            let uri = location_target(&config.upstream, location.as_bytes()).ok_or_else(|| {
+                warn!(
+                    route,
+                    "the 409's Location is neither a path (/...) nor a URL on the upstream's own scheme, host and port; not followed"
+                );
+                PassReason::Undecidable
+            })?;
             Ok((Method::GET, uri))
         }
         VerifyTarget::Template { method, template } => {
@@ -484,5 +527,77 @@ fn target(
             let uri = Uri::try_from(path).map_err(|_| PassReason::Undecidable)?;
             Ok((method.clone(), uri))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let uri: Uri = url.parse().unwrap();
+        Upstream {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+        }
+    }
+
+    fn target_of(up: &Upstream, location: &str) -> Option<String> {
+        location_target(up, location.as_bytes()).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn location_on_the_upstream_is_followed_as_path_and_query() {
+        let up = upstream("http://backend:8080");
+        for (location, expected) in [
+            ("/x", "/x"),
+            ("/", "/"),
+            ("/a/b?c=d", "/a/b?c=d"),
+            ("http://backend:8080/x?y", "/x?y"),
+            ("HTTP://BACKEND:8080/x", "/x"),
+            ("http://backend:8080", "/"),
+            ("http://backend:8080?q", "/?q"),
+        ] {
+            assert_eq!(
+                target_of(&up, location).as_deref(),
+                Some(expected),
+                "{location}"
+            );
+        }
+        let default_port = upstream("http://backend");
+        assert_eq!(
+            target_of(&default_port, "http://backend:80/x").as_deref(),
+            Some("/x")
+        );
+    }
+
+    #[test]
+    fn location_elsewhere_or_ambiguous_is_refused() {
+        let up = upstream("http://backend:8080");
+        for location in [
+            "//other:1/x",
+            "//backend:8080/x",
+            "/\\other/x",
+            "/x\\..\\admin",
+            "/%5cother/x",
+            "/%5Cother/x",
+            "\\\\other\\x",
+            "x",
+            "../x",
+            "",
+            "https://backend:8080/x",
+            "http://backend:8081/x",
+            "http://backend/x",
+            "http://other:8080/x",
+            "http://user@backend:8080/x",
+            "http://backend:8080//other/x",
+            "http://backend:8080\\x",
+            "ftp://backend:8080/x",
+            "/x#frag",
+            "mailto:a@b",
+        ] {
+            assert_eq!(target_of(&up, location), None, "{location:?}");
+        }
+        assert_eq!(location_target(&up, b"/\xff"), None);
     }
 }

@@ -114,3 +114,58 @@ async fn the_cache_can_be_turned_off() {
             .all(|r| r.headers["idempotency-key"] == "client-key-3")
     );
 }
+
+/// Client B sends client A's key and body with other credentials (or none):
+/// B gets the upstream's own answer, never A's body or A's `Set-Cookie`,
+/// and no `422`; A's own repeat is still replayed.
+#[tokio::test]
+async fn another_clients_request_with_the_same_key_gets_its_own_answer() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let upstream = Upstream::start(move |req| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let who = req
+            .headers()
+            .get("authorization")
+            .map_or("anonymous".to_owned(), |v| v.to_str().unwrap().to_owned());
+        async move {
+            let mut resp = response(201, format!("stored {n} for {who}"));
+            resp.headers_mut()
+                .insert("set-cookie", format!("sid=cookie-{n}").parse().unwrap());
+            resp
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&upstream.url(), &[]).await;
+    let send = |auth: Option<&'static str>, body: &'static str| {
+        let mut req = client()
+            .post(proxy.url("/v1/sessions/s1/entries"))
+            .header("idempotency-key", "shared-key")
+            .body(body);
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        req.send()
+    };
+    let a = send(Some("Bearer alice"), "{}").await.unwrap();
+    assert_eq!(a.headers()["set-cookie"], "sid=cookie-1");
+    assert_eq!(a.text().await.unwrap(), "stored 1 for Bearer alice");
+    for (auth, n) in [(Some("Bearer bob"), 2), (None, 3)] {
+        let b = send(auth, "{}").await.unwrap();
+        assert_eq!(b.status(), 201);
+        assert!(b.headers().get("idempotent-replayed").is_none());
+        assert_eq!(
+            b.headers()["set-cookie"],
+            format!("sid=cookie-{n}").as_str()
+        );
+        let who = auth.unwrap_or("anonymous");
+        assert_eq!(b.text().await.unwrap(), format!("stored {n} for {who}"));
+    }
+    let other_body = send(Some("Bearer carol"), r#"{"x":1}"#).await.unwrap();
+    assert_eq!(other_body.status(), 201, "no 422 across clients");
+    let again = send(Some("Bearer alice"), "{}").await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert!(again.headers().get("set-cookie").is_none());
+    assert_eq!(again.text().await.unwrap(), "stored 1 for Bearer alice");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}

@@ -461,6 +461,111 @@ async fn connect_method_is_refused() {
     assert!(upstream.requests.is_empty());
 }
 
+/// A request whose `Transfer-Encoding` holds any coding besides one final
+/// `chunked` (`gzip, chunked`, `chunked, gzip`, `x-custom`, ...) gets 501
+/// JSON (RFC 9112 §6.1), one whose last coding is not `chunked` gets 400,
+/// and nothing reaches the upstream; a plain `chunked` body still passes.
+#[tokio::test]
+async fn unknown_transfer_coding_gets_501_and_is_not_forwarded() {
+    let upstream = Upstream::buffered(|_req| async { response(200, "ok") }).await;
+    let proxy = TestProxy::start(&upstream.url(), &[]).await;
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    for coding in [
+        "gzip, chunked",
+        "GZIP,chunked",
+        "deflate, chunked",
+        "x-custom, chunked",
+        "identity, chunked",
+    ] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: {coding}\r\n\r\n{body}"
+        );
+        let resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 501, "{coding}: {}", resp.head);
+        assert_eq!(resp.header("content-type"), Some("application/json"));
+        assert_eq!(
+            resp.json()["error"],
+            "unsupported_transfer_coding",
+            "{coding}"
+        );
+        assert!(resp.json()["detail"].is_string());
+    }
+    // The same coding split over two header lines.
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+    );
+    let resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!(resp.status, 501, "{}", resp.head);
+    // A body whose last coding is not chunked has no knowable end, and
+    // chunked twice is a framing error: 400 (hyper answers the first itself,
+    // RFC 9112 §6.3).
+    for coding in ["chunked, gzip", "gzip", "chunked, chunked"] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: {coding}\r\n\r\n{body}"
+        );
+        let resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 400, "{coding}: {}", resp.head);
+    }
+    assert!(
+        upstream.requests.is_empty(),
+        "a request with an unknown transfer coding was forwarded: {:?}",
+        upstream.requests.lines()
+    );
+    let request =
+        format!("POST /upload HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: Chunked\r\n\r\n{body}");
+    let resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    assert_eq!(upstream.requests.last().body.unwrap(), "hello");
+}
+
+/// An HTTP/1.1 request without `Host`, with two `Host` lines, or with a
+/// `Host` that is no `host[:port]`, gets 400 JSON (RFC 9112 §3.2) and
+/// nothing reaches the upstream; HTTP/1.0 without `Host` and HTTP/1.1 with an
+/// empty `Host` are valid and pass.
+#[tokio::test]
+async fn missing_or_duplicate_host_gets_400_and_is_not_forwarded() {
+    let upstream = ok_upstream().await;
+    let proxy = TestProxy::start(&upstream.url(), &[]).await;
+    for request in [
+        &b"GET /a HTTP/1.1\r\n\r\n"[..],
+        b"GET /b HTTP/1.1\r\nHost: proxy\r\nHost: proxy\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: proxy\r\nHost: other.example\r\n\r\n",
+        b"GET /d HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /e HTTP/1.1\r\nHost: bad host\r\n\r\n",
+        b"GET /f HTTP/1.1\r\nHost: user@proxy\r\n\r\n",
+    ] {
+        let resp = raw_exchange(proxy.addr, request).await;
+        let text = String::from_utf8_lossy(request);
+        assert_eq!(resp.status, 400, "{text:?}: {}", resp.head);
+        assert_eq!(
+            resp.header("content-type"),
+            Some("application/json"),
+            "{text:?}"
+        );
+        assert_eq!(resp.json()["error"], "bad_host", "{text:?}");
+    }
+    assert!(
+        upstream.requests.is_empty(),
+        "a request with a missing or duplicate Host was forwarded: {:?}",
+        upstream.requests.lines()
+    );
+    for request in [
+        &b"GET /ok10 HTTP/1.0\r\n\r\n"[..],
+        b"GET /ok11 HTTP/1.1\r\nHost:\r\n\r\n",
+        b"GET /ok11 HTTP/1.1\r\nHost: [::1]:7480\r\n\r\n",
+    ] {
+        let resp = raw_exchange(proxy.addr, request).await;
+        assert_eq!(
+            resp.status,
+            200,
+            "{:?}: {}",
+            String::from_utf8_lossy(request),
+            resp.head
+        );
+    }
+    assert_eq!(upstream.requests.len(), 3);
+}
+
 // ---------------------------------------------------------------------------
 // Header rewriting
 // ---------------------------------------------------------------------------
@@ -814,6 +919,95 @@ async fn oversized_request_head_gets_431() {
     assert!(upstream.requests.is_empty());
     let resp = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// Every duration the proxy adds to the current time at run time, at the
+/// one-year cap (`8760h`): the header read timeout, the request deadline and
+/// a route's `timeout=`, the idempotency cache's TTL, the pool's idle
+/// timeout, the session timers. Plain, keyed (then replayed) and verified
+/// requests are all answered as usual: no overflow at the cap.
+#[tokio::test]
+async fn durations_at_the_one_year_cap_run() {
+    let upstream = Upstream::start(|req| async move {
+        match (req.method().as_str(), req.uri().path()) {
+            ("POST", "/things") => {
+                let mut resp = response(409, "conflict");
+                resp.headers_mut()
+                    .insert("location", "/things/1".parse().unwrap());
+                resp
+            }
+            ("POST", _) => response(201, "stored"),
+            _ => response(200, "ok"),
+        }
+    })
+    .await;
+    let year = "8760h";
+    let proxy = TestProxy::start(
+        &upstream.url(),
+        &[
+            "--header-read-timeout",
+            year,
+            "--request-timeout",
+            year,
+            "--try-timeout",
+            year,
+            "--connect-timeout",
+            year,
+            "--idempotency-ttl",
+            year,
+            "--upstream-idle-timeout",
+            year,
+            "--drain-timeout",
+            year,
+            "--session-sources",
+            "header:x-sid",
+            "--heartbeat",
+            "POST /sessions/{session}/heartbeat",
+            "--heartbeat-interval",
+            year,
+            "--session-idle-timeout",
+            year,
+            "--heartbeat-timeout",
+            year,
+            "--routes",
+            "POST /things verify=location match=exists timeout=8760h\nGET /poll timeout=8760h",
+        ],
+    )
+    .await;
+    let resp = client()
+        .get(proxy.url("/poll"))
+        .header("x-sid", "s1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for replayed in [false, true] {
+        let resp = client()
+            .post(proxy.url("/entries"))
+            .header("idempotency-key", "k-1")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        assert_eq!(resp.headers().contains_key("idempotent-replayed"), replayed);
+    }
+    let resp = client()
+        .post(proxy.url("/things"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-idemproxy-recovered"], "409");
+    let resp = client().get(proxy.url("/again")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        upstream.requests.lines().len(),
+        5,
+        "{:?}",
+        upstream.requests.lines()
+    );
 }
 
 /// A client that starts a request head and never finishes it is

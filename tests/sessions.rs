@@ -299,6 +299,44 @@ async fn idle_session_gets_heartbeats_at_the_interval() {
     assert_eq!(list[0]["consecutive_failures"], 0);
 }
 
+/// A session learned from a cookie (`cookie:sid`, globally and on the
+/// route), with `cookie` also among the copied headers (the default): each
+/// heartbeat carries the client's `Cookie` line exactly once, and its
+/// `Authorization` once.
+#[tokio::test]
+async fn cookie_session_heartbeat_carries_one_cookie_line() {
+    let backend = Backend::start(|_| status(200)).await;
+    let proxy = proxy(
+        &backend,
+        &[
+            &HEARTBEAT,
+            &["--heartbeat-interval", "100ms"],
+            &["--session-sources", "cookie:sid"],
+            &["--routes", "GET /v1/things session=cookie:sid"],
+        ],
+    )
+    .await;
+    let headers = [
+        ("authorization", "Bearer t0k3n"),
+        ("cookie", "sid=s-7; theme=dark"),
+    ];
+    assert_eq!(call(&proxy, "GET", "/v1/things", &headers).await.0, 200);
+    backend
+        .wait_until("2 heartbeats", 2, |b| b.heartbeats().len())
+        .await;
+    for hb in backend.heartbeats() {
+        assert!(hb.is("POST", "/v1/sessions/s-7/heartbeat"), "{hb:?}");
+        let cookies: Vec<&str> = hb
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(cookies, ["sid=s-7; theme=dark"], "{hb:?}");
+        assert_eq!(hb.headers.get_all("authorization").iter().count(), 1);
+    }
+}
+
 /// Client traffic every half interval on a backend whose calls do not renew
 /// the session: heartbeats go on every interval while the client is busy.
 /// On a route declared `renews`, the same traffic renews the session and
@@ -1079,8 +1117,48 @@ async fn session_with_a_request_in_flight_is_never_evicted() {
     assert_eq!(latest.sid(), Some("newcomer"));
 }
 
-/// `DELETE /sessions/{digest}` on the admin port stops that one session's
-/// heartbeats; the other goes on, and a second DELETE is a 404.
+/// The digest that `GET /sessions` shows for the session found at `source`.
+async fn digest_of(proxy: &TestProxy, source: &str) -> String {
+    let list = sessions(proxy).await;
+    let session = list
+        .iter()
+        .find(|s| s["source"] == source)
+        .unwrap_or_else(|| panic!("a session from {source} in {list:?}"));
+    session["digest"].as_str().expect("a digest").to_owned()
+}
+
+/// `DELETE url` with an optional `Authorization` value; status, headers and
+/// the body as JSON (`Null` when it is not JSON).
+async fn admin_delete(url: &str, authorization: Option<&str>) -> (u16, HeaderMap, Value) {
+    let mut req = client().delete(url);
+    if let Some(value) = authorization {
+        req = req.header(header::AUTHORIZATION, value);
+    }
+    let resp = within(&format!("DELETE {url}"), req.send()).await.unwrap();
+    let code = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = within("response body", resp.bytes()).await.unwrap();
+    (
+        code,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// Waits (bounded) for one more heartbeat of `sid` than `seen`: the
+/// session is still heartbeated.
+async fn still_heartbeated(backend: &Backend, sid: &str, seen: usize) {
+    let target = format!("/v1/sessions/{sid}/heartbeat");
+    backend
+        .wait_until(&format!("another heartbeat of {sid}"), seen + 1, |b| {
+            b.hits_to("POST", &target).len()
+        })
+        .await;
+}
+
+/// `DELETE /sessions/{digest}` on the loopback control listener
+/// (`--admin-control-listen`) stops that one session's heartbeats and
+/// leaves the others; a second DELETE is a 404.
 #[tokio::test]
 async fn admin_delete_stops_one_session() {
     let backend = Backend::start(|_| status(200)).await;
@@ -1090,26 +1168,30 @@ async fn admin_delete_stops_one_session() {
             &HEARTBEAT,
             &["--heartbeat-interval", "200ms"],
             &["--session-sources", "header:x-a,header:x-b"],
+            &["--admin-control-listen", "127.0.0.1:0"],
         ],
     )
     .await;
     call(&proxy, "GET", "/v1/x", &[("x-a", "doomed")]).await;
     call(&proxy, "GET", "/v1/x", &[("x-b", "kept")]).await;
-    let list = sessions(&proxy).await;
-    let doomed = list
-        .iter()
-        .find(|s| s["source"] == "header:x-a")
-        .expect("the x-a session")["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let url = proxy.admin_url(&format!("/sessions/{doomed}"));
-    let resp = client().delete(&url).send().await.unwrap();
-    assert_eq!(resp.status(), 204);
+    let doomed = digest_of(&proxy, "header:x-a").await;
+    // The control listener serves the read-only endpoints too.
+    let listed = within(
+        "GET /sessions",
+        client().get(proxy.control_url("/sessions")).send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed.status(), 200);
+    assert!(listed.text().await.unwrap().contains(&doomed));
+
+    let url = proxy.control_url(&format!("/sessions/{doomed}"));
+    let (code, _, _) = admin_delete(&url, None).await;
+    assert_eq!(code, 204);
     let doomed_beats = backend
         .hits_to("POST", "/v1/sessions/doomed/heartbeat")
         .len();
-    assert_eq!(client().delete(&url).send().await.unwrap().status(), 404);
+    assert_eq!(admin_delete(&url, None).await.0, 404);
 
     let list = sessions(&proxy).await;
     assert_eq!(list.len(), 1);
@@ -1123,6 +1205,143 @@ async fn admin_delete_stops_one_session() {
         "heartbeats after the admin DELETE"
     );
     assert!(backend.hits_to("POST", "/v1/sessions/kept/heartbeat").len() >= 2);
+    assert_eq!(
+        metric(&proxy, r#"idemproxy_sessions_ended_total{reason="admin"}"#).await,
+        1.0
+    );
+}
+
+/// `DELETE /sessions/{digest}` on the admin listener (reachable from the pod
+/// network) without a token is refused with 403 and a JSON body that says
+/// where changes are served (the control listener when there is one, else
+/// how to enable it); the session stays listed and heartbeated.
+#[tokio::test]
+async fn admin_delete_on_the_public_listener_is_refused() {
+    for with_control in [false, true] {
+        let backend = Backend::start(|_| status(200)).await;
+        let control: &[&str] = if with_control {
+            &["--admin-control-listen", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
+        let proxy = proxy(
+            &backend,
+            &[
+                &HEARTBEAT,
+                &["--heartbeat-interval", "200ms"],
+                &["--session-sources", "header:x-a"],
+                control,
+            ],
+        )
+        .await;
+        call(&proxy, "GET", "/v1/x", &[("x-a", "victim")]).await;
+        let digest = digest_of(&proxy, "header:x-a").await;
+        let url = proxy.admin_url(&format!("/sessions/{digest}"));
+        // A token is no use where none is configured.
+        for authorization in [None, Some("Bearer anything-0123456789abcdef")] {
+            let (code, _, body) = admin_delete(&url, authorization).await;
+            assert_eq!(code, 403, "with control: {with_control}, {authorization:?}");
+            assert_eq!(body["error"], "forbidden", "{body}");
+            let detail = body["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("IDEMPROXY_ADMIN_CONTROL_LISTEN"),
+                "{detail}"
+            );
+            match proxy.control_addr {
+                Some(addr) => assert_eq!(body["control_listen"], addr.to_string(), "{body}"),
+                None => {
+                    assert_eq!(body["control_listen"], Value::Null, "{body}");
+                    assert!(detail.contains("IDEMPROXY_ADMIN_TOKEN_FILE"), "{detail}");
+                }
+            }
+        }
+        // Nothing stopped: still listed, still heartbeated, not counted.
+        assert_eq!(digest_of(&proxy, "header:x-a").await, digest);
+        let seen = backend
+            .hits_to("POST", "/v1/sessions/victim/heartbeat")
+            .len();
+        still_heartbeated(&backend, "victim", seen).await;
+        assert_eq!(
+            metric(&proxy, r#"idemproxy_sessions_ended_total{reason="admin"}"#).await,
+            0.0
+        );
+    }
+}
+
+/// With `--admin-token-file`, `DELETE /sessions/{digest}` on the admin
+/// listener needs `Authorization: Bearer <token>`: none, another scheme or a
+/// wrong token get 401 with a `WWW-Authenticate: Bearer` challenge and stop
+/// nothing; the file's token (trimmed) gets 204 and stops the session.
+#[tokio::test]
+async fn admin_token_allows_delete_on_the_public_listener() {
+    const TOKEN: &str = "tok-5f0c2a9e41d7b8366e1f0a2c";
+    let dir = support::TempDir::new();
+    let file = dir.write("admin-token", format!("  {TOKEN}\n"));
+    let backend = Backend::start(|_| status(200)).await;
+    let proxy = proxy(
+        &backend,
+        &[
+            &HEARTBEAT,
+            &["--heartbeat-interval", "200ms"],
+            &["--session-sources", "header:x-a"],
+            &["--admin-token-file", file.to_str().unwrap()],
+        ],
+    )
+    .await;
+    call(&proxy, "GET", "/v1/x", &[("x-a", "victim")]).await;
+    let digest = digest_of(&proxy, "header:x-a").await;
+    let url = proxy.admin_url(&format!("/sessions/{digest}"));
+    let wrong_token = format!("Bearer {TOKEN}x");
+    let basic = format!("Basic {TOKEN}");
+    for (authorization, invalid) in [
+        (None, false),
+        (Some(basic.as_str()), false),
+        (Some("Bearer "), false),
+        (Some(wrong_token.as_str()), true),
+        (Some("Bearer tok-5f0c2a9e41d7b8366e1f0a2"), true),
+    ] {
+        let (code, headers, body) = admin_delete(&url, authorization).await;
+        assert_eq!(code, 401, "{authorization:?}: {body}");
+        assert_eq!(body["error"], "unauthorized", "{body}");
+        assert_eq!(body["token_accepted"], true, "{body}");
+        let challenge = headers
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            challenge.starts_with("Bearer "),
+            "{authorization:?}: {challenge:?}"
+        );
+        assert_eq!(challenge.contains("invalid_token"), invalid, "{challenge}");
+        assert!(
+            !body.to_string().contains(TOKEN),
+            "the answer shows the token: {body}"
+        );
+    }
+    assert_eq!(
+        digest_of(&proxy, "header:x-a").await,
+        digest,
+        "stopped by a refused DELETE"
+    );
+    let seen = backend
+        .hits_to("POST", "/v1/sessions/victim/heartbeat")
+        .len();
+    still_heartbeated(&backend, "victim", seen).await;
+
+    let (code, _, _) = admin_delete(&url, Some(&format!("Bearer {TOKEN}"))).await;
+    assert_eq!(code, 204);
+    let stopped_at = backend
+        .hits_to("POST", "/v1/sessions/victim/heartbeat")
+        .len();
+    assert!(sessions(&proxy).await.is_empty());
+    sleep_ms(600).await;
+    assert_eq!(
+        backend
+            .hits_to("POST", "/v1/sessions/victim/heartbeat")
+            .len(),
+        stopped_at,
+        "heartbeats after the authorised DELETE"
+    );
     assert_eq!(
         metric(&proxy, r#"idemproxy_sessions_ended_total{reason="admin"}"#).await,
         1.0

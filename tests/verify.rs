@@ -384,6 +384,84 @@ async fn verify_location_follows_only_the_upstreams_own_location() {
     );
 }
 
+/// `verify=location` with `match=exists`, in front of an upstream that
+/// answers 200 to every GET: a 409 whose `Location` is scheme-relative
+/// (`//other-host:1/x`), `/\other-host/x`, holds a backslash, or is an
+/// absolute URL on another scheme or port, passes through byte for byte and
+/// no verification request is made; `/x` and `http://<upstream>/x` still
+/// verify and recover.
+#[tokio::test]
+async fn verify_location_refuses_scheme_relative_and_backslash_locations() {
+    let location = Arc::new(Mutex::new(String::new()));
+    let target = location.clone();
+    let upstream = Upstream::scripted(move |req, _n| {
+        let location = target.lock().unwrap().clone();
+        async move {
+            Act::Reply(if req.method() == Method::POST {
+                let mut resp = json_response(409, CONFLICT_BODY);
+                let h = resp.headers_mut();
+                h.insert("location", HeaderValue::from_str(&location).unwrap());
+                h.insert("x-backend-reason", HeaderValue::from_static("duplicate"));
+                h.insert("etag", HeaderValue::from_static("\"v1\""));
+                resp
+            } else {
+                json_response(200, r#"{"any":"thing"}"#)
+            })
+        }
+    })
+    .await;
+    let proxy = proxy_with(
+        &upstream,
+        "POST /v1/things verify=location match=exists",
+        &[],
+    )
+    .await;
+    let post = || {
+        client()
+            .post(proxy.url("/v1/things"))
+            .header("content-type", "application/json")
+            .body(r#"{"name":"t"}"#)
+            .send()
+    };
+    let authority = upstream.addr.to_string();
+    let refused = [
+        "//other-host:1/x".to_owned(),
+        "/\\other-host/x".to_owned(),
+        "/x\\..\\admin".to_owned(),
+        "/%5Cother-host/x".to_owned(),
+        format!("//{authority}/x"),
+        format!("https://{authority}/x"),
+        format!(
+            "http://{}:{}/x",
+            upstream.addr.ip(),
+            upstream.addr.port().wrapping_add(1).max(1)
+        ),
+        format!("http://{authority}//other-host/x"),
+    ];
+    for bad in &refused {
+        *location.lock().unwrap() = bad.clone();
+        assert_original_409(post().await.unwrap(), bad).await;
+    }
+    assert!(
+        upstream.requests.with_method(Method::GET).is_empty(),
+        "a verification request was made: {:?}",
+        upstream.requests.lines()
+    );
+    for good in ["/x".to_owned(), format!("http://{authority}/x")] {
+        *location.lock().unwrap() = good.clone();
+        let resp = post().await.unwrap();
+        assert_eq!(resp.status(), 200, "{good}");
+        assert_eq!(recovered(&resp), Some("409"), "{good}");
+    }
+    let gets: Vec<String> = upstream
+        .requests
+        .with_method(Method::GET)
+        .iter()
+        .map(|r| r.uri.to_string())
+        .collect();
+    assert_eq!(gets, ["/x", "/x"]);
+}
+
 /// `match=exists`: any 2xx of the verification read is proof, whatever the
 /// request body (here not even JSON); the client gets the stored representation.
 #[tokio::test]

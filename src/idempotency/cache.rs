@@ -1,19 +1,31 @@
 //! The local idempotency cache for keys the client sent itself.
 //!
-//! - A concurrent duplicate (same key, same body) waits for the first request
-//!   and gets its answer: one upstream request.
-//! - A completed answer is replayed for the TTL, with `Idempotent-Replayed: true`.
+//! - A key is scoped to its client: the cache key is a digest of the client's
+//!   credentials headers ([`CacheConfig::scope_headers`]: `Authorization`,
+//!   `Cookie` and the session's own header by default) and the key. An
+//!   answer is never replayed to, coalesced with, or refused (`422`) for a
+//!   request with other credentials, as the IETF draft scopes a key to its
+//!   client.
+//! - A concurrent duplicate (same scope, key and body) waits for the first
+//!   request and gets its answer: one upstream request.
+//! - A completed answer is replayed for the TTL, with `Idempotent-Replayed:
+//!   true`, and without `Set-Cookie`: a cookie goes only to the request that
+//!   caused it.
 //! - The same key with a different method, path or body gets `422` and a JSON error.
-//! - Bounded by entry count and bytes (expired, then oldest, evicted first).
-//!   Streaming responses (`text/event-stream`), bodies over the per-answer cap,
-//!   `5xx` and `429` answers are never cached: a duplicate then goes upstream
-//!   itself, with the same key, and the backend decides.
+//! - A key longer than [`MAX_KEY_LEN`] bytes gets `400` and a JSON error.
+//! - Bounded by entry count and bytes, every entry's fixed cost counted (the
+//!   key is kept only as a 32-byte digest). Eviction takes the oldest answer
+//!   in O(1): every answer lives the same TTL, so the oldest is also the first
+//!   to expire. Streaming responses (`text/event-stream`), bodies over the
+//!   per-answer cap, `5xx` and `429` answers are never cached: a duplicate
+//!   then goes upstream itself, with the same key, and the backend decides.
 //!
 //! A request whose body was too large to read ahead is not cached either.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,11 +56,24 @@ use crate::service::{PassThrough, ResponseFuture, take_ready};
 /// `Idempotent-Replayed`, set on an answer served from the cache.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// The longest client key accepted, in bytes (Stripe's limit); a longer one
+/// gets `400`.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// What one entry costs besides its answer's headers and body: the map
+/// entry (digest key and slot), the answer's allocation and its place in the
+/// eviction queue, rounded up.
+const ENTRY_OVERHEAD: usize = 256;
+
 /// Limits of the cache.
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     /// The header carrying the client's key.
     pub header: HeaderName,
+    /// The request headers whose values scope a key to its client
+    /// (`IDEMPROXY_IDEMPOTENCY_SCOPE_HEADERS`, plus the session's own header
+    /// sources).
+    pub scope_headers: Vec<HeaderName>,
     /// How long a completed answer is replayed.
     pub ttl: Duration,
     /// Entries kept at most.
@@ -63,6 +88,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             header: HeaderName::from_static("idempotency-key"),
+            scope_headers: vec![header::AUTHORIZATION, header::COOKIE],
             ttl: Duration::from_secs(600),
             max_entries: 10_000,
             max_bytes: 64 << 20,
@@ -77,7 +103,7 @@ struct ResultLabel {
 }
 
 /// `idemproxy_idempotency_cache_total{result}`: miss, hit, coalesced,
-/// mismatch, bypass, uncacheable, evicted.
+/// mismatch, bypass, uncacheable, evicted, key_too_long.
 #[derive(Clone, Debug, Default)]
 pub struct CacheMetrics {
     results: Family<ResultLabel, Counter>,
@@ -95,6 +121,7 @@ impl CacheMetrics {
             "bypass",
             "uncacheable",
             "evicted",
+            "key_too_long",
         ] {
             m.count_zero(result);
         }
@@ -131,8 +158,10 @@ struct Cached {
 }
 
 impl Cached {
+    /// The bytes this entry holds, fixed costs included.
     fn size(&self) -> usize {
-        self.body.len()
+        ENTRY_OVERHEAD
+            + self.body.len()
             + self
                 .headers
                 .iter()
@@ -173,9 +202,26 @@ enum Slot {
     },
 }
 
+/// A cache key: the digest of the client's scope and its key.
+type CacheKey = [u8; 32];
+
+/// One stored answer's place in the eviction order.
+#[derive(Debug)]
+struct Stored {
+    seq: u64,
+    expires: Instant,
+    key: CacheKey,
+}
+
 #[derive(Debug)]
 struct Cache {
-    map: DashMap<Bytes, Slot>,
+    map: DashMap<CacheKey, Slot>,
+    /// Completed answers in the order they were stored (and so of expiry):
+    /// the eviction order. An element whose slot was replaced since is
+    /// skipped when it comes up.
+    order: Mutex<VecDeque<Stored>>,
+    /// Completed answers in the map.
+    done: AtomicUsize,
     bytes: AtomicUsize,
     seq: AtomicU64,
     config: CacheConfig,
@@ -194,6 +240,8 @@ impl IdempotencyCacheLayer {
         Self {
             cache: Arc::new(Cache {
                 map: DashMap::new(),
+                order: Mutex::new(VecDeque::new()),
+                done: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 seq: AtomicU64::new(0),
                 config,
@@ -241,17 +289,28 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // Without a client key (or its body) the request passes through to
         // the service poll_ready made ready, with no clone of the layers below.
-        let Some(key) = req
-            .headers()
-            .get(&self.cache.config.header)
-            .map(|v| Bytes::copy_from_slice(v.as_bytes()))
-        else {
+        let Some(key) = req.headers().get(&self.cache.config.header) else {
             return Either::Left(self.inner.call(req));
         };
+        if key.len() > MAX_KEY_LEN {
+            self.cache.metrics.count("key_too_long");
+            let detail = format!(
+                "the {} header is longer than {MAX_KEY_LEN} bytes; use a shorter key (a UUID is 36)",
+                self.cache.config.header
+            );
+            let resp = json_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_too_long",
+                &detail,
+                None,
+            );
+            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+        }
         let Some(buffered) = req.extensions().get::<BufferedBody>() else {
             self.cache.metrics.count("bypass");
             return Either::Left(self.inner.call(req));
         };
+        let key = scoped_key(&self.cache.config.scope_headers, req.headers(), key);
         let digest = request_digest(&req, buffered);
         let cache = self.cache.clone();
         let mut inner = take_ready(&mut self.inner);
@@ -308,11 +367,11 @@ enum Claim {
 }
 
 impl Cache {
-    fn claim(self: &Arc<Self>, key: &Bytes, digest: [u8; 32]) -> Claim {
+    fn claim(self: &Arc<Self>, key: &CacheKey, digest: [u8; 32]) -> Claim {
         let now = Instant::now();
         // Counted before taking the entry: `len` locks every shard.
         let crowded = self.map.len() >= self.config.max_entries.saturating_mul(2);
-        match self.map.entry(key.clone()) {
+        match self.map.entry(*key) {
             MapEntry::Occupied(mut e) => match e.get() {
                 Slot::Done { digest: d, answer } if answer.expires > now => {
                     if *d == digest {
@@ -322,8 +381,10 @@ impl Cache {
                     }
                 }
                 Slot::Done { answer, .. } => {
-                    // Expired: take the slot over.
+                    // Expired: take the slot over (its place in the eviction
+                    // order is skipped when it comes up).
                     self.bytes.fetch_sub(answer.size(), Ordering::Relaxed);
+                    self.done.fetch_sub(1, Ordering::Relaxed);
                     let (leader, slot) = self.leader(key, digest);
                     e.insert(slot);
                     Claim::Lead(leader)
@@ -350,12 +411,12 @@ impl Cache {
         }
     }
 
-    fn leader(self: &Arc<Self>, key: &Bytes, digest: [u8; 32]) -> (Leader, Slot) {
+    fn leader(self: &Arc<Self>, key: &CacheKey, digest: [u8; 32]) -> (Leader, Slot) {
         let (tx, rx) = watch::channel(Outcome::Pending);
         let owner = self.seq.fetch_add(1, Ordering::Relaxed);
         let leader = Leader {
             cache: self.clone(),
-            key: key.clone(),
+            key: *key,
             digest,
             owner,
             tx: Some(tx),
@@ -371,69 +432,95 @@ impl Cache {
     }
 
     /// Stores a completed answer, then evicts down to the caps.
-    fn store(&self, key: &Bytes, digest: [u8; 32], owner: u64, answer: Arc<Cached>) {
+    fn store(&self, key: &CacheKey, digest: [u8; 32], owner: u64, answer: Arc<Cached>) {
         let size = answer.size();
         if size > self.config.max_bytes {
             self.forget(key, owner);
             return;
         }
-        if let Some(mut slot) = self.map.get_mut(key) {
-            if matches!(&*slot, Slot::InFlight { owner: o, .. } if *o == owner) {
+        let stored_answer = Stored {
+            seq: answer.seq,
+            expires: answer.expires,
+            key: *key,
+        };
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored = match self.map.get_mut(key) {
+            Some(mut slot) if matches!(&*slot, Slot::InFlight { owner: o, .. } if *o == owner) => {
                 *slot = Slot::Done { digest, answer };
-                self.bytes.fetch_add(size, Ordering::Relaxed);
+                true
             }
+            _ => false,
+        };
+        if stored {
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+            self.done.fetch_add(1, Ordering::Relaxed);
+            order.push_back(stored_answer);
         }
-        self.evict();
+        self.evict(&mut order);
     }
 
     /// Removes the in-flight slot of `owner`, if it is still there.
-    fn forget(&self, key: &Bytes, owner: u64) {
+    fn forget(&self, key: &CacheKey, owner: u64) {
         self.map.remove_if(
             key,
             |_, slot| matches!(slot, Slot::InFlight { owner: o, .. } if *o == owner),
         );
     }
 
-    fn evict(&self) {
-        let over = |c: &Cache| {
-            c.map.len() > c.config.max_entries
-                || c.bytes.load(Ordering::Relaxed) > c.config.max_bytes
-        };
-        if !over(self) {
-            return;
-        }
+    /// Drops answers from the front of the eviction order while they have
+    /// expired or the cache is over a cap, and elements whose answer is gone
+    /// meanwhile. One map operation per element; in-flight entries are never
+    /// evicted.
+    fn evict(&self, order: &mut VecDeque<Stored>) {
         let now = Instant::now();
-        // Expired first, then oldest; in-flight entries are never evicted.
-        let mut done: Vec<(bool, u64, Bytes)> = self
-            .map
-            .iter()
-            .filter_map(|e| match e.value() {
-                Slot::Done { answer, .. } => {
-                    Some((answer.expires > now, answer.seq, e.key().clone()))
-                }
-                Slot::InFlight { .. } => None,
-            })
-            .collect();
-        done.sort_unstable_by_key(|(live, seq, _)| (*live, *seq));
-        for (_, _, key) in done {
-            if !over(self) {
-                break;
+        while let Some(front) = order.front() {
+            let expired = front.expires <= now;
+            let over = self.done.load(Ordering::Relaxed) > self.config.max_entries
+                || self.bytes.load(Ordering::Relaxed) > self.config.max_bytes;
+            if !expired && !over {
+                // The oldest answer is live (or was replaced by a younger one)
+                // and the cache is within its caps.
+                return;
             }
-            if let Some((_, Slot::Done { answer, .. })) = self
-                .map
-                .remove_if(&key, |_, slot| matches!(slot, Slot::Done { .. }))
-            {
+            let seq = front.seq;
+            let removed = self.map.remove_if(
+                &front.key,
+                |_, slot| matches!(slot, Slot::Done { answer, .. } if answer.seq == seq),
+            );
+            // None: its slot was taken over or removed since; nothing to free.
+            if let Some((_, Slot::Done { answer, .. })) = removed {
                 self.bytes.fetch_sub(answer.size(), Ordering::Relaxed);
-                self.metrics.count("evicted");
+                self.done.fetch_sub(1, Ordering::Relaxed);
+                if !expired {
+                    self.metrics.count("evicted");
+                }
             }
+            order.pop_front();
         }
     }
+}
+
+/// The cache key of client key `key` in the scope of `headers`: a digest of
+/// the values of the scope headers (each with its name, so that a token in
+/// `Authorization` never equals the same text in `Cookie`) and the key.
+fn scoped_key(scope: &[HeaderName], headers: &HeaderMap, key: &HeaderValue) -> CacheKey {
+    let mut h = Sha256::new();
+    for name in scope {
+        for value in headers.get_all(name) {
+            h.update(name.as_str().as_bytes());
+            h.update((value.len() as u64).to_le_bytes());
+            h.update(value.as_bytes());
+        }
+    }
+    h.update(b"\0key\0");
+    h.update(key.as_bytes());
+    h.finalize().into()
 }
 
 /// The first request of a key: publishes its answer to waiters and the cache.
 struct Leader {
     cache: Arc<Cache>,
-    key: Bytes,
+    key: CacheKey,
     digest: [u8; 32],
     owner: u64,
     tx: Option<watch::Sender<Outcome>>,
@@ -483,13 +570,15 @@ impl Leader {
         }
     }
 
-    fn complete(mut self, status: StatusCode, headers: HeaderMap, body: Bytes) {
+    fn complete(mut self, status: StatusCode, mut headers: HeaderMap, body: Bytes) {
         let cache = self.cache.clone();
+        // A cookie goes only to the request that caused it, never to a replay.
+        headers.remove(header::SET_COOKIE);
         let answer = Arc::new(Cached {
             status,
             headers,
             body,
-            expires: Instant::now() + cache.config.ttl,
+            expires: expiry(cache.config.ttl),
             seq: cache.seq.fetch_add(1, Ordering::Relaxed),
         });
         cache.store(&self.key, self.digest, self.owner, answer.clone());
@@ -575,6 +664,14 @@ impl http_body::Body for Tee {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// When an answer stored now expires. The configuration caps the TTL; a
+/// longer one is read as that cap, so the sum never overflows.
+fn expiry(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl.min(crate::units::MAX_DURATION))
+        .unwrap_or(now)
 }
 
 fn request_digest(req: &Request<Body>, body: &BufferedBody) -> [u8; 32] {
@@ -759,7 +856,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
 
         let (layer, metrics) = cache_layer(CacheConfig {
-            max_bytes: 150, // two answers of ~70 bytes fit, a third does not
+            max_bytes: 700, // two answers of ~330 bytes (fixed cost included) fit, a third does not
             ..CacheConfig::default()
         });
         let svc = layer.layer(upstream(
@@ -771,6 +868,165 @@ mod tests {
             send(&svc, request(key, "{}")).await;
         }
         assert!(metrics.get("evicted") >= 1);
+    }
+
+    fn request_as(key: &str, body: &'static str, credentials: &[(&str, &str)]) -> Request<Body> {
+        let mut req = request(key, body);
+        for (name, value) in credentials {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        req
+    }
+
+    /// A key is scoped to its client: another client's request with the same
+    /// key and body (other credentials, or none) gets its own upstream answer,
+    /// and the same key with another body is no 422 across clients.
+    #[tokio::test]
+    async fn keys_are_scoped_to_the_client_credentials() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (layer, metrics) = cache_layer(CacheConfig::default());
+        let svc = layer.layer(upstream(
+            calls.clone(),
+            StatusCode::CREATED,
+            "application/json",
+        ));
+        let alice = [("authorization", "Bearer alice")];
+        let bob = [("authorization", "Bearer bob")];
+        let (_, _, a) = send(&svc, request_as("k", "{}", &alice)).await;
+        assert_eq!(a.as_ref(), b"answer 1");
+        for other in [&bob[..], &[], &[("cookie", "sid=alice")]] {
+            let (status, headers, b) = send(&svc, request_as("k", "{}", other)).await;
+            assert_eq!(status, StatusCode::CREATED, "{other:?}");
+            assert_ne!(b, a, "{other:?} got alice's answer");
+            assert!(!headers.contains_key(&IDEMPOTENT_REPLAYED), "{other:?}");
+        }
+        let (status, _, _) = send(&svc, request_as("k", "{\"x\":1}", &bob)).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bob's own key reused"
+        );
+        let (status, _, _) = send(
+            &svc,
+            request_as("k", "{\"x\":2}", &[("authorization", "Bearer carol")]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "carol never used the key");
+        // Alice's own repeat still replays.
+        let (_, headers, again) = send(&svc, request_as("k", "{}", &alice)).await;
+        assert_eq!(
+            (again, headers[&IDEMPOTENT_REPLAYED].to_str().unwrap()),
+            (a, "true")
+        );
+        assert_eq!(metrics.get("mismatch"), 1);
+    }
+
+    /// Ten concurrent requests with one key but ten credentials are not
+    /// coalesced: ten upstream requests, ten answers.
+    #[tokio::test]
+    async fn concurrent_requests_of_different_clients_are_not_coalesced() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (layer, _) = cache_layer(CacheConfig::default());
+        let svc = layer.layer(upstream(
+            calls.clone(),
+            StatusCode::CREATED,
+            "application/json",
+        ));
+        let tokens: Vec<String> = (0..10).map(|i| format!("Bearer t{i}")).collect();
+        let answers = futures_util::future::join_all(tokens.iter().map(|t| {
+            let mut req = request("shared", "{}");
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, HeaderValue::from_str(t).unwrap());
+            send(&svc, req)
+        }))
+        .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 10);
+        let mut bodies: Vec<Bytes> = answers.into_iter().map(|(_, _, b)| b).collect();
+        bodies.sort();
+        bodies.dedup();
+        assert_eq!(bodies.len(), 10);
+    }
+
+    /// A replayed answer never carries the `Set-Cookie` of the first one.
+    #[tokio::test]
+    async fn replays_carry_no_set_cookie() {
+        let svc =
+            cache_layer(CacheConfig::default())
+                .0
+                .layer(service_fn(|_req: Request<Body>| async {
+                    let mut resp = Response::new(body::full("stored"));
+                    resp.headers_mut()
+                        .insert(header::SET_COOKIE, HeaderValue::from_static("sid=secret"));
+                    Ok::<_, UpstreamError>(resp)
+                }));
+        let (_, first, _) = send(&svc, request("c", "{}")).await;
+        assert_eq!(first[header::SET_COOKIE], "sid=secret");
+        let (_, replay, body) = send(&svc, request("c", "{}")).await;
+        assert_eq!(replay[&IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(body.as_ref(), b"stored");
+        assert!(!replay.contains_key(header::SET_COOKIE), "{replay:?}");
+    }
+
+    /// A key longer than 255 bytes gets 400 JSON and nothing goes upstream;
+    /// one of 255 bytes is cached.
+    #[tokio::test]
+    async fn overlong_keys_are_refused() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (layer, metrics) = cache_layer(CacheConfig::default());
+        let svc = layer.layer(upstream(
+            calls.clone(),
+            StatusCode::CREATED,
+            "application/json",
+        ));
+        let (status, headers, body) = send(&svc, request(&"k".repeat(256), "{}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert!(String::from_utf8_lossy(&body).contains("idempotency_key_too_long"));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(metrics.get("key_too_long"), 1);
+        send(&svc, request(&"k".repeat(255), "{}")).await;
+        let (_, headers, _) = send(&svc, request(&"k".repeat(255), "{}")).await;
+        assert_eq!(headers[&IDEMPOTENT_REPLAYED], "true");
+    }
+
+    /// 10,000 answers under maximal keys stay within a 1 MiB cap with every
+    /// entry's fixed cost counted, and the eviction order never outgrows the
+    /// answers kept, however often entries expire and are taken over.
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_cap_counts_every_entry_and_the_order_stays_bounded() {
+        let (layer, metrics) = cache_layer(CacheConfig {
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(1),
+            ..CacheConfig::default()
+        });
+        let cache = layer.cache.clone();
+        let svc = layer.layer(service_fn(|_req: Request<Body>| async {
+            Ok::<_, UpstreamError>(Response::new(body::full("ok")))
+        }));
+        for i in 0..10_000 {
+            let key = format!("{i:0>255}");
+            send(&svc, request(&key, "{}")).await;
+            assert!(cache.bytes.load(Ordering::Relaxed) <= 1 << 20);
+        }
+        let kept = cache.done.load(Ordering::Relaxed);
+        assert!(kept < 10_000 && kept * ENTRY_OVERHEAD <= 1 << 20, "{kept}");
+        assert_eq!(kept, cache.map.len());
+        assert!(metrics.get("evicted") >= 10_000 - kept as u64);
+        // The same 100 keys, expiring and taken over 50 times each.
+        for round in 0..50 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+            for i in 0..100 {
+                send(&svc, request(&format!("again-{i}"), "{}")).await;
+            }
+            let order = cache.order.lock().unwrap().len();
+            assert!(
+                order <= cache.done.load(Ordering::Relaxed) + 100,
+                "round {round}: {order}"
+            );
+        }
     }
 
     /// A request without a client key passes straight through.

@@ -3,12 +3,14 @@
 //! the client's response.
 //!
 //! What happens here and nowhere else: refusing requests for other hosts
-//! (idemproxy is never an open proxy), `x-request-id`, hop-by-hop headers,
+//! (idemproxy is never an open proxy) and malformed heads ([`conformance`]:
+//! `Host`, `Transfer-Encoding`), `x-request-id`, hop-by-hop headers,
 //! `Host` and `X-Forwarded-*`, tunnelling upgrades, error responses, and the
 //! per-request metrics. Everything that decides *how* a request reaches the
 //! upstream (retries, idempotency keys, 409 verification) is a tower layer in
 //! the [`Stack`] that this edge calls.
 
+pub mod conformance;
 pub mod headers;
 
 use std::convert::Infallible;
@@ -238,6 +240,8 @@ impl Proxy {
         if parts.method == Method::CONNECT {
             return Err(Refusal::Connect);
         }
+        // Before anything reads `Host` or strips `Transfer-Encoding`.
+        conformance::check_head(parts.version, &parts.headers).map_err(Refusal::Head)?;
         // HTTP/1 absolute-form (a client using HTTP_PROXY): only for our upstream.
         // An HTTP/2 request always carries :authority, which plays the role of Host.
         if parts.version != Version::HTTP_2
@@ -300,6 +304,8 @@ enum Refusal {
     Connect,
     /// Absolute-form request for another host: never an open proxy.
     ForeignTarget,
+    /// A head that breaks RFC 9112 (`Host`, `Transfer-Encoding`).
+    Head(conformance::HeadProblem),
 }
 
 impl Refusal {
@@ -317,6 +323,7 @@ impl Refusal {
                 &format!("idemproxy forwards only to {upstream}; it is not an open proxy"),
                 None,
             ),
+            Self::Head(problem) => problem.into_response(),
         }
     }
 }

@@ -81,6 +81,11 @@ impl Credentials {
         stored.next().is_none()
     }
 
+    /// The bytes of the copy.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The same allocation (so nothing changed).
     pub(super) fn same(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
@@ -175,6 +180,11 @@ impl Beat {
             path_len,
             has_body: spec.body.is_some(),
         }))
+    }
+
+    /// The bytes of its own allocation (the shared part is not counted).
+    pub(super) fn len(&self) -> usize {
+        self.text.len()
     }
 
     fn split(&self) -> (&[u8], &[u8]) {

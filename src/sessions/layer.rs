@@ -201,9 +201,10 @@ static COOKIE: HeaderName = header::COOKIE;
 
 /// The credentials headers of a request to copy onto heartbeats: those of
 /// `IDEMPROXY_HEARTBEAT_HEADERS`, then the session's own header (or cookie),
-/// which travels with its heartbeats. A name listed `k` times gives its
-/// values `k` times over, all grouped under its first listing (the order in
-/// which a `HeaderMap` they are appended to lists them). Allocates nothing.
+/// which travels with its heartbeats. Each header name contributes its
+/// values once, at its first listing, however often it is listed (`cookie`
+/// copied by default and also the source of a `cookie:` session): a
+/// heartbeat never repeats a header line. Allocates nothing.
 fn credential_pairs<'a>(
     config: &'a SessionLayerConfig,
     headers: &'a HeaderMap,
@@ -224,10 +225,7 @@ fn credential_pairs<'a>(
     names()
         .enumerate()
         .filter(move |&(i, name)| !names().take(i).any(|n| n == name))
-        .flat_map(move |(_, name)| {
-            let times = names().filter(|&n| n == name).count();
-            (0..times).flat_map(move |_| headers.get_all(name).iter().map(move |v| (name, v)))
-        })
+        .flat_map(move |(_, name)| headers.get_all(name).iter().map(move |v| (name, v)))
 }
 
 fn copy_credentials<'a>(

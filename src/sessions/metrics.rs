@@ -47,27 +47,74 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// The counter families behind [`SessionMetrics`], for registration.
+type Families = (
+    Family<OutcomeLabels, Counter>,
+    Family<ReasonLabels, Counter>,
+    Family<ReasonLabels, Counter>,
+);
+
+/// Why a session seen on a request was not tracked; the `reason` label of
+/// `idemproxy_sessions_untracked_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Untracked {
+    /// The table is full of sessions with requests in flight.
+    Full,
+    /// The session id is longer than the tracker keeps.
+    IdTooLong,
+    /// Its copied credentials headers are larger than the tracker keeps.
+    CredentialsTooLarge,
+}
+
+impl Untracked {
+    /// Every reason, in label order.
+    pub const ALL: [Untracked; 3] = [Self::Full, Self::IdTooLong, Self::CredentialsTooLarge];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::IdTooLong => "id_too_long",
+            Self::CredentialsTooLarge => "credentials_too_large",
+        }
+    }
+}
+
 /// The tracker's metrics: `idemproxy_sessions` (gauge of tracked sessions),
-/// `idemproxy_heartbeats_total{outcome}` and
-/// `idemproxy_sessions_ended_total{reason}`.
+/// `idemproxy_session_table_bytes` (gauge of the bytes they hold),
+/// `idemproxy_heartbeats_total{outcome}`,
+/// `idemproxy_sessions_ended_total{reason}` and
+/// `idemproxy_sessions_untracked_total{reason}`.
 ///
 /// Cheap to clone (handles to shared atomics). Every label value is created
 /// up front, so each series shows up at 0 before it first counts.
 #[derive(Clone, Debug)]
 pub struct SessionMetrics {
     sessions: Gauge,
+    bytes: Gauge,
     heartbeats: [Counter; 4],
     ended: [Counter; 6],
+    untracked: [Counter; 3],
 }
 
 impl SessionMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
-        let (metrics, heartbeats, ended) = Self::build();
+        let (metrics, (heartbeats, ended, untracked)) = Self::build();
         registry.register(
             "idemproxy_sessions",
             "Sessions currently tracked for heartbeats",
             metrics.sessions.clone(),
+        );
+        registry.register(
+            "idemproxy_session_table_bytes",
+            "Bytes held by the session table (ids, copied credentials, heartbeats, fixed costs)",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "idemproxy_sessions_untracked",
+            "Sessions seen on a request but not tracked, by reason",
+            untracked,
         );
         // prometheus-client appends `_total` to counter names.
         registry.register(
@@ -88,15 +135,19 @@ impl SessionMetrics {
         Self::build().0
     }
 
-    fn build() -> (
-        Self,
-        Family<OutcomeLabels, Counter>,
-        Family<ReasonLabels, Counter>,
-    ) {
+    /// The metrics and the families to register (heartbeats, ended, untracked).
+    fn build() -> (Self, Families) {
         let heartbeats = Family::<OutcomeLabels, Counter>::default();
         let ended = Family::<ReasonLabels, Counter>::default();
+        let untracked = Family::<ReasonLabels, Counter>::default();
         let metrics = Self {
             sessions: Gauge::default(),
+            bytes: Gauge::default(),
+            untracked: Untracked::ALL.map(|r| {
+                untracked
+                    .get_or_create(&ReasonLabels { reason: r.as_str() })
+                    .clone()
+            }),
             heartbeats: HeartbeatOutcome::ALL.map(|o| {
                 heartbeats
                     .get_or_create(&OutcomeLabels {
@@ -110,7 +161,7 @@ impl SessionMetrics {
                     .clone()
             }),
         };
-        (metrics, heartbeats, ended)
+        (metrics, (heartbeats, ended, untracked))
     }
 
     /// The number of tracked sessions, as last reported.
@@ -121,6 +172,24 @@ impl SessionMetrics {
     /// How many heartbeat attempts had this outcome.
     pub fn heartbeats(&self, outcome: HeartbeatOutcome) -> u64 {
         self.heartbeats[outcome as usize].get()
+    }
+
+    /// How many sessions were not tracked for this reason.
+    pub fn untracked(&self, reason: Untracked) -> u64 {
+        self.untracked[reason as usize].get()
+    }
+
+    /// The bytes the session table holds, as last reported.
+    pub fn table_bytes(&self) -> i64 {
+        self.bytes.get()
+    }
+
+    pub(super) fn set_table_bytes(&self, bytes: usize) {
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    pub(super) fn session_untracked(&self, reason: Untracked) {
+        self.untracked[reason as usize].inc();
     }
 
     /// How many sessions ended for this reason.

@@ -99,8 +99,10 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method};
 
 pub use layer::{SessionLayer, SessionLayerConfig, Sessions};
-pub use metrics::{HeartbeatOutcome, SessionMetrics};
-pub use tracker::{InFlight, Observed, SessionTracker, SessionView};
+pub use metrics::{HeartbeatOutcome, SessionMetrics, Untracked};
+pub use tracker::{
+    InFlight, MAX_CREDENTIALS_LEN, MAX_SESSION_ID_LEN, Observed, SessionTracker, SessionView,
+};
 
 /// Settings of the session tracker and its heartbeat scheduler.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +119,10 @@ pub struct SessionConfig {
     /// The most sessions tracked at once; a new one evicts the session with
     /// the oldest activity that has no request in flight. Default 10 000.
     pub max_sessions: usize,
+    /// The most bytes the table holds: ids, copied credentials, rendered
+    /// heartbeats and each session's fixed cost. A new session evicts as for
+    /// `max_sessions`. Default 64 MiB.
+    pub max_bytes: usize,
     /// The most heartbeat requests per second sent to the upstream, retries
     /// included. Default 500; 0 means no limit.
     pub max_per_sec: u32,
@@ -137,6 +143,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             max_failures: 3,
             max_sessions: 10_000,
+            max_bytes: 64 << 20,
             max_per_sec: 500,
             alive_field: None,
             request_timeout: Duration::from_secs(5),

@@ -37,6 +37,9 @@ const RETRY_BASE: Duration = Duration::from_millis(200);
 /// The furthest a timer is set (the timer wheel has a horizon); a session
 /// further away is simply looked at again.
 const MAX_WAKE: Duration = Duration::from_secs(24 * 3600);
+/// The most heartbeats on their way at once: an upstream that hangs holds
+/// at most this many connections (each waits up to the heartbeat timeout).
+pub(super) const MAX_IN_FLIGHT: usize = 256;
 /// Below this spacing (above 100 heartbeats/s) the pacer lets slots that
 /// passed within this window go at once, since timers tick in milliseconds.
 const BURST_WINDOW: Duration = Duration::from_millis(10);
@@ -93,7 +96,9 @@ pub(super) async fn run<S, F>(
     scheduler.adopt_existing();
     loop {
         scheduler.dispatch(&client, &mut sends);
-        let pace_at = (!scheduler.pending.is_empty()).then_some(scheduler.pacer.next);
+        // At the in-flight cap, the next dispatch waits for a heartbeat to end.
+        let pace_at = (!scheduler.pending.is_empty() && sends.len() < MAX_IN_FLIGHT)
+            .then_some(scheduler.pacer.next);
         let timers = &mut scheduler.timers;
         // Unbiased: a burst of one kind of event never starves the others.
         let event = tokio::select! {
@@ -231,7 +236,7 @@ impl Scheduler {
         S::Future: Send + 'static,
     {
         let now = Instant::now();
-        while self.pacer.ready(now) {
+        while self.pacer.ready(now) && sends.len() < MAX_IN_FLIGHT {
             let Some(token) = self.pending.pop_front() else {
                 return;
             };

@@ -815,3 +815,96 @@ fn session_entry_stays_small() {
     use super::tracker::Session;
     assert!(std::mem::size_of::<(Arc<str>, Session)>() <= 112);
 }
+
+/// A registration whose id and `Authorization` have the given lengths.
+fn reg_sized(i: usize, id_len: usize, token_len: usize) -> Registration {
+    let id = format!("{i:0>id_len$}");
+    let mut registration = reg(&id, &"t".repeat(token_len));
+    registration.heartbeat = Some(heartbeat_for(&i.to_string()));
+    registration
+}
+
+/// An id over 1 KiB or credentials over 16 KiB are not tracked (counted by
+/// reason); a session at both limits is.
+#[test]
+fn oversized_ids_and_credentials_are_not_tracked() {
+    let tracker = tracker(10, 3600);
+    assert_eq!(
+        tracker.observe(reg_sized(1, MAX_SESSION_ID_LEN + 1, 10)),
+        Observed::TooLarge
+    );
+    assert_eq!(
+        tracker.observe(reg_sized(2, 10, 20_000)),
+        Observed::TooLarge
+    );
+    assert!(tracker.is_empty());
+    let metrics = tracker.metrics();
+    assert_eq!(metrics.untracked(Untracked::IdTooLong), 1);
+    assert_eq!(metrics.untracked(Untracked::CredentialsTooLarge), 1);
+    // "Bearer " and the cookie come on top of the token.
+    let token = MAX_CREDENTIALS_LEN - 100;
+    assert_eq!(
+        tracker.observe(reg_sized(3, MAX_SESSION_ID_LEN, token)),
+        Observed::New
+    );
+    // A known session's oversized new credentials are ignored, not copied.
+    let before = metrics.table_bytes();
+    let mut bigger = reg_sized(3, MAX_SESSION_ID_LEN, 40_000);
+    bigger.heartbeat = None;
+    assert_eq!(tracker.observe(bigger), Observed::Refreshed);
+    assert_eq!(metrics.table_bytes(), before);
+}
+
+/// 10,000 sessions with 1 KiB ids and 15 KiB credentials (160 MB if all
+/// were kept) stay within a 4 MiB table: the oldest idle ones are evicted,
+/// and the table's bytes go back to 0 when every session has ended.
+#[test]
+fn the_table_is_bounded_in_bytes() {
+    let tracker = tracker_with(SessionConfig {
+        max_bytes: 4 << 20,
+        ..SessionConfig::default()
+    });
+    for i in 0..10_000 {
+        assert_eq!(tracker.observe(reg_sized(i, 1024, 15_000)), Observed::New);
+        let bytes = tracker.metrics().table_bytes();
+        assert!(bytes <= 4 << 20, "{bytes} after {i}");
+    }
+    let kept = tracker.len();
+    assert!((200..300).contains(&kept), "{kept} sessions kept");
+    assert_eq!(
+        tracker.metrics().ended(EndReason::Evicted),
+        (10_000 - kept) as u64
+    );
+    // The newest are kept.
+    assert!(tracker.contains(&format!("{:0>1024}", 9_999)));
+    assert!(!tracker.contains(&format!("{:0>1024}", 0)));
+    for i in 10_000 - kept..10_000 {
+        assert!(tracker.end(&format!("{i:0>1024}"), EndReason::ClientEnd));
+    }
+    assert!(tracker.is_empty());
+    assert_eq!(tracker.metrics().table_bytes(), 0);
+}
+
+/// An upstream that hangs holds at most 256 heartbeats at once, whatever
+/// the number of due sessions; each hung one fails at the heartbeat timeout
+/// and the rest go out as slots free up.
+#[tokio::test(start_paused = true)]
+async fn hanging_heartbeats_are_capped_in_flight() {
+    let tracker = tracker_with(SessionConfig {
+        interval: Duration::from_secs(10),
+        max_per_sec: 0,
+        request_timeout: Duration::from_secs(5),
+        ..SessionConfig::default()
+    });
+    let up = start(&tracker, |_, _| Reply::Hang);
+    for i in 0..1_000 {
+        tracker.observe(reg(&format!("s-{i}"), "tok"));
+    }
+    sleep(secs(11.5)).await; // every session is due, none has timed out yet
+    assert_eq!(up.count(), super::scheduler::MAX_IN_FLIGHT);
+    sleep(secs(5.0)).await; // the first ones timed out: others take their slots
+    let later = up.count();
+    assert!(later > super::scheduler::MAX_IN_FLIGHT, "{later}");
+    assert!(later <= 2 * super::scheduler::MAX_IN_FLIGHT, "{later}");
+    up.shutdown().await;
+}

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,18 +17,29 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::compact::{Beat, Commons, Credentials};
-use super::metrics::SessionMetrics;
+use super::metrics::{SessionMetrics, Untracked};
 use super::scheduler::{self, Token};
 use super::{EndReason, HeartbeatSpec, Registration, SessionConfig};
 use crate::body::Body;
 use crate::error::UpstreamError;
+// Durations are capped so that `Instant + duration` never overflows (the
+// configuration refuses longer ones; a library caller may pass anything).
+use crate::units::MAX_DURATION;
 
-/// Durations are capped so that `Instant + duration` never overflows.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The shortest heartbeat interval, so a zero never spins the scheduler.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Jitter of the interval, in permille each way (±10%).
 const JITTER_PERMILLE: i16 = 100;
+/// The longest session id tracked, in bytes; a session with a longer id is
+/// proxied but not tracked.
+pub const MAX_SESSION_ID_LEN: usize = 1024;
+/// The most bytes of credentials headers copied for one session; a session
+/// whose credentials are larger is proxied but not tracked.
+pub const MAX_CREDENTIALS_LEN: usize = 16 * 1024;
+/// What a session costs besides its id, credentials and heartbeat: the map
+/// entry, the session record, its allocations' headers, rounded up (the
+/// scale run measures about 550 bytes a session in all).
+const SESSION_OVERHEAD: usize = 384;
 
 /// The configuration as the tracker uses it: clamped, and the alive field shared.
 #[derive(Debug)]
@@ -37,6 +48,7 @@ pub(super) struct Settings {
     pub(super) idle_timeout: Duration,
     pub(super) max_failures: u32,
     pub(super) max_sessions: usize,
+    pub(super) max_bytes: usize,
     pub(super) max_per_sec: u32,
     pub(super) alive_field: Option<Arc<[String]>>,
     pub(super) request_timeout: Duration,
@@ -51,6 +63,7 @@ impl Settings {
             idle_timeout: config.idle_timeout.min(MAX_DURATION),
             max_failures: config.max_failures.max(1),
             max_sessions: config.max_sessions.max(1),
+            max_bytes: config.max_bytes,
             max_per_sec: config.max_per_sec,
             alive_field: config.alive_field.map(Arc::from),
             request_timeout: config.request_timeout.min(MAX_DURATION),
@@ -98,6 +111,14 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// The bytes this session holds in the table, its id (`id_len`) included.
+    pub(super) fn bytes(&self, id_len: usize) -> usize {
+        SESSION_OVERHEAD
+            + id_len
+            + self.credentials.len()
+            + self.heartbeat.as_ref().map_or(0, |b| b.len())
+    }
+
     /// When the next heartbeat is due: the interval (with this round's
     /// jitter) after the later of the last renewal and the last heartbeat
     /// round. Client activity does not move it: on most backends an ordinary
@@ -150,6 +171,8 @@ pub(super) fn draw_jitter() -> i16 {
 pub(super) struct Shared {
     pub(super) settings: Settings,
     pub(super) sessions: DashMap<Arc<str>, Session>,
+    /// The bytes the sessions hold ([`Session::bytes`]), kept within `max_bytes`.
+    bytes: AtomicUsize,
     pub(super) metrics: SessionMetrics,
     /// The heartbeat part sessions share.
     commons: Commons,
@@ -162,6 +185,17 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Adds `added` and takes `removed` from the table's bytes.
+    fn add_bytes(&self, added: usize, removed: usize) {
+        let update = |bytes: usize| Some(bytes.saturating_add(added).saturating_sub(removed));
+        let before = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)
+            .unwrap_or_default();
+        self.metrics
+            .set_table_bytes(before.saturating_add(added).saturating_sub(removed));
+    }
+
     pub(super) fn digest(&self, id: &str) -> String {
         format!("{:016x}", self.digest_key.hash_one(id))
     }
@@ -178,15 +212,19 @@ impl Shared {
     ) -> bool {
         let removed = self
             .sessions
-            .remove_if(id, |_, s| s.generation == generation && condition(s))
-            .is_some();
-        if removed {
-            self.ended(id, reason);
+            .remove_if(id, |_, s| s.generation == generation && condition(s));
+        match removed {
+            Some((key, session)) => {
+                self.ended(&key, &session, reason);
+                true
+            }
+            None => false,
         }
-        removed
     }
 
-    fn ended(&self, id: &str, reason: EndReason) {
+    /// Accounts for a removed session.
+    fn ended(&self, id: &str, session: &Session, reason: EndReason) {
+        self.add_bytes(0, session.bytes(id.len()));
         self.metrics.session_ended(reason);
         tracing::debug!(session = %self.digest(id), %reason, "session no longer tracked");
     }
@@ -218,6 +256,10 @@ pub enum Observed {
     /// The table is full and every session has a request in flight: the new
     /// session is not tracked (its requests are still proxied).
     Full,
+    /// The session's id or copied credentials are larger than the tracker
+    /// keeps ([`MAX_SESSION_ID_LEN`], [`MAX_CREDENTIALS_LEN`]): it is not
+    /// tracked (its requests are still proxied).
+    TooLarge,
 }
 
 /// One tracked session as `GET /sessions` shows it. Never contains the raw
@@ -251,6 +293,7 @@ impl SessionTracker {
             shared: Arc::new(Shared {
                 settings: Settings::new(config),
                 sessions: DashMap::new(),
+                bytes: AtomicUsize::new(0),
                 metrics,
                 commons: Commons::default(),
                 digest_key: RandomState::new(),
@@ -323,8 +366,12 @@ impl SessionTracker {
     ) -> Observed {
         let now = Instant::now();
         let shared = &self.shared;
+        if id.len() > MAX_SESSION_ID_LEN {
+            return self.untracked(&id, Untracked::IdTooLong);
+        }
         let heartbeat = heartbeat.and_then(|spec| Beat::new(&spec, &shared.commons));
         if let Some(mut session) = shared.sessions.get_mut(&*id) {
+            let before = session.bytes(id.len());
             refresh(
                 &mut session,
                 shared.settings.stamp(now),
@@ -333,48 +380,69 @@ impl SessionTracker {
                 credentials,
                 renews,
             );
+            shared.add_bytes(session.bytes(id.len()), before);
             return Observed::Refreshed;
         }
         let credentials = credentials.into_credentials();
-        if !self.make_room() {
-            tracing::warn!(
-                session = %shared.digest(&id),
-                max_sessions = shared.settings.max_sessions,
-                "session table full of sessions with requests in flight; not tracking a new session"
-            );
-            return Observed::Full;
+        if credentials.len() > MAX_CREDENTIALS_LEN {
+            return self.untracked(&id, Untracked::CredentialsTooLarge);
         }
         let key = id;
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed);
+        let stamp = shared.settings.stamp(now);
+        let session = Session {
+            generation,
+            source,
+            heartbeat,
+            credentials,
+            last_activity: stamp,
+            last_renewal: stamp,
+            last_round: stamp,
+            in_flight: 0,
+            failures: 0,
+            jitter: draw_jitter(),
+            retries: 0,
+            scheduled: false,
+        };
+        let size = session.bytes(key.len());
+        if size > shared.settings.max_bytes {
+            return self.untracked(&key, Untracked::CredentialsTooLarge);
+        }
+        if !self.make_room(size) {
+            tracing::warn!(
+                session = %shared.digest(&key),
+                max_sessions = shared.settings.max_sessions,
+                max_bytes = shared.settings.max_bytes,
+                "session table full of sessions with requests in flight; not tracking a new session"
+            );
+            shared.metrics.session_untracked(Untracked::Full);
+            return Observed::Full;
+        }
         match shared.sessions.entry(Arc::clone(&key)) {
             Entry::Occupied(mut occupied) => {
                 // Registered by a concurrent request in the meantime.
-                let credentials = NewCredentials::Known(credentials);
-                refresh(
-                    occupied.get_mut(),
-                    shared.settings.stamp(now),
+                let Session {
                     source,
                     heartbeat,
                     credentials,
+                    ..
+                } = session;
+                let existing = occupied.get_mut();
+                let before = existing.bytes(key.len());
+                refresh(
+                    existing,
+                    stamp,
+                    source,
+                    heartbeat,
+                    NewCredentials::Known(credentials),
                     renews,
                 );
+                shared.add_bytes(existing.bytes(key.len()), before);
                 return Observed::Refreshed;
             }
             Entry::Vacant(vacant) => {
-                vacant.insert(Session {
-                    generation,
-                    source,
-                    heartbeat,
-                    credentials,
-                    last_activity: shared.settings.stamp(now),
-                    last_renewal: shared.settings.stamp(now),
-                    last_round: shared.settings.stamp(now),
-                    in_flight: 0,
-                    failures: 0,
-                    jitter: draw_jitter(),
-                    retries: 0,
-                    scheduled: false,
-                });
+                vacant.insert(session);
+                shared.add_bytes(size, 0);
             }
         }
         shared.metrics.session_added();
@@ -387,11 +455,27 @@ impl SessionTracker {
         Observed::New
     }
 
-    /// Evicts sessions until there is room for one more; `false` if every
-    /// session has a request in flight.
-    fn make_room(&self) -> bool {
+    /// Counts (and logs at debug level: a hostile client could send many)
+    /// a session that is not tracked.
+    fn untracked(&self, id: &str, reason: Untracked) -> Observed {
+        self.shared.metrics.session_untracked(reason);
+        tracing::debug!(
+            session = %self.shared.digest(id),
+            reason = reason.as_str(),
+            id_len = id.len(),
+            "session not tracked: larger than the session table keeps"
+        );
+        Observed::TooLarge
+    }
+
+    /// Evicts sessions until there is room for one more of `size` bytes;
+    /// `false` if every session has a request in flight.
+    fn make_room(&self, size: usize) -> bool {
         let shared = &self.shared;
-        while shared.sessions.len() >= shared.settings.max_sessions {
+        let settings = &shared.settings;
+        while shared.sessions.len() >= settings.max_sessions
+            || shared.bytes.load(Ordering::Relaxed).saturating_add(size) > settings.max_bytes
+        {
             // O(n) scan, only when the table is full. No guard is held when removing.
             let oldest = shared
                 .sessions
@@ -431,16 +515,18 @@ impl SessionTracker {
     /// `false` if it was not tracked. A heartbeat already on its way is
     /// ignored when it answers.
     pub fn end(&self, id: &str, reason: EndReason) -> bool {
-        let removed = self.shared.sessions.remove(id).is_some();
-        if removed {
-            self.shared.ended(id, reason);
+        match self.shared.sessions.remove(id) {
+            Some((key, session)) => {
+                self.shared.ended(&key, &session, reason);
+                true
+            }
+            None => false,
         }
-        removed
     }
 
     /// Stops tracking the session whose [`SessionTracker::digest`] is
-    /// `digest` (`DELETE /sessions/{digest}` on the admin port); `false` if
-    /// none matches.
+    /// `digest` (`DELETE /sessions/{digest}` on the admin control listener,
+    /// or with the admin token); `false` if none matches.
     pub fn remove_by_digest(&self, digest: &str) -> bool {
         let shared = &self.shared;
         let Some(wanted) = parse_digest(digest) else {
@@ -574,7 +660,7 @@ fn renewed(session: &mut Session, now: u64) {
 /// Refreshes a known session with a new sighting (and renews it if
 /// `renews`). Its credentials are replaced only if they differ (then copied
 /// into a fresh allocation: a parsed header value shares the connection's
-/// read buffer).
+/// read buffer) and fit [`MAX_CREDENTIALS_LEN`]; oversized ones are ignored.
 fn refresh(
     session: &mut Session,
     now: u64,
@@ -590,11 +676,14 @@ fn refresh(
     match credentials {
         NewCredentials::Headers(headers) => {
             if !session.credentials.matches(headers.iter()) {
-                session.credentials = Credentials::copy(headers.iter());
+                let copy = Credentials::copy(headers.iter());
+                if copy.len() <= MAX_CREDENTIALS_LEN {
+                    session.credentials = copy;
+                }
             }
         }
         NewCredentials::Known(credentials) => {
-            if !session.credentials.same(&credentials) {
+            if !session.credentials.same(&credentials) && credentials.len() <= MAX_CREDENTIALS_LEN {
                 session.credentials = credentials;
             }
         }

@@ -5,12 +5,12 @@
 //!
 //! `tools/test` installs the servers (Debian's `etcd-server`, a venv at
 //! `target/real-servers/venv` with the MCP SDK) and runs the tests with
-//! `IDEMPROXY_REAL_SERVERS=required`: then a missing server fails the test.
+//! `TEST_REAL_SERVERS=required`: then a missing server fails the test.
 //! Without that variable, a test whose server is missing prints a loud
 //! `SKIPPED` line to stderr and returns.
 //!
-//! Overrides: `IDEMPROXY_ETCD` (path of the etcd binary),
-//! `IDEMPROXY_MCP_PYTHON` (a python that can `import mcp, uvicorn`).
+//! Overrides: `TEST_ETCD_BIN` (path of the etcd binary),
+//! `TEST_MCP_PYTHON` (a python that can `import mcp, uvicorn`).
 //!
 //! ```ignore
 //! mod support;
@@ -37,10 +37,10 @@ use crate::support::{TempDir, client, within};
 /// How long a server may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Whether `IDEMPROXY_REAL_SERVERS=required` (set by `tools/test`): then a
+/// Whether `TEST_REAL_SERVERS=required` (set by `tools/test`): then a
 /// missing server is a failure, not a skip.
 pub fn required() -> bool {
-    std::env::var("IDEMPROXY_REAL_SERVERS").is_ok_and(|v| v.trim() == "required")
+    std::env::var("TEST_REAL_SERVERS").is_ok_and(|v| v.trim() == "required")
 }
 
 /// Reports a missing server: panics when [`required`], otherwise prints a
@@ -52,7 +52,7 @@ fn missing<T>(what: &str, why: &str) -> Option<T> {
         .to_owned();
     if required() {
         panic!(
-            "{what} is required (IDEMPROXY_REAL_SERVERS=required) but not available: {why}. \
+            "{what} is required (TEST_REAL_SERVERS=required) but not available: {why}. \
              Run tools/test, which installs it."
         );
     }
@@ -193,16 +193,16 @@ impl Drop for ServerProcess {
 // etcd
 // ---------------------------------------------------------------------------
 
-/// The etcd binary: `IDEMPROXY_ETCD`, else `etcd` on `PATH`, else Debian's
+/// The etcd binary: `TEST_ETCD_BIN`, else `etcd` on `PATH`, else Debian's
 /// `/usr/bin/etcd`.
 pub fn etcd_binary() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("IDEMPROXY_ETCD") {
+    if let Some(path) = std::env::var_os("TEST_ETCD_BIN") {
         let path = PathBuf::from(path);
         return if is_executable(&path) {
             Ok(path)
         } else {
             Err(format!(
-                "IDEMPROXY_ETCD={} is not executable",
+                "TEST_ETCD_BIN={} is not executable",
                 path.display()
             ))
         };
@@ -372,13 +372,13 @@ pub fn venv_python() -> PathBuf {
     repo_root().join("target/real-servers/venv/bin/python")
 }
 
-/// A python that can import the MCP SDK and uvicorn: `IDEMPROXY_MCP_PYTHON`,
+/// A python that can import the MCP SDK and uvicorn: `TEST_MCP_PYTHON`,
 /// else the venv of `tools/test`. Checked once per test binary.
 pub fn mcp_python() -> Result<PathBuf, String> {
     static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     CHECKED
         .get_or_init(|| {
-            let python = std::env::var_os("IDEMPROXY_MCP_PYTHON")
+            let python = std::env::var_os("TEST_MCP_PYTHON")
                 .map(PathBuf::from)
                 .unwrap_or_else(venv_python);
             if !python.exists() {

@@ -745,6 +745,8 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     /// The admin listener.
     pub admin_addr: SocketAddr,
+    /// The loopback admin control listener, if configured.
+    pub control_addr: Option<SocketAddr>,
     running: Option<Running>,
 }
 
@@ -762,6 +764,7 @@ impl TestProxy {
         TestProxy {
             addr: running.listen_addr,
             admin_addr: running.admin_addr,
+            control_addr: running.control_addr,
             running: Some(running),
         }
     }
@@ -774,6 +777,12 @@ impl TestProxy {
     /// `http://<admin addr><path>`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// `http://<control addr><path>`; panics without a control listener.
+    pub fn control_url(&self, path: &str) -> String {
+        let addr = self.control_addr.expect("a control listener");
+        format!("http://{addr}{path}")
     }
 
     /// Starts a graceful shutdown (as SIGTERM does) without waiting.
