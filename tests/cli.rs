@@ -4,11 +4,9 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// (variable, bad value, other variables set with it).
 type BadValue = (
@@ -582,33 +580,13 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let mut cmd = idemproxy_command();
     cmd.env("IDEMPROXY_UPSTREAM", upstream.url())
         .env("IDEMPROXY_LISTEN", "127.0.0.1:0")
-        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("IDEMPROXY_LOG_FORMAT", "json")
-        .env("IDEMPROXY_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-
-    // The binary does not print its port: read it from the start-up log line.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listen: SocketAddr = within("the 'idemproxy started' log line", async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("stdout closed");
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "idemproxy started" {
-                return event["listen"].as_str().unwrap().parse().unwrap();
-            }
-        }
-    })
-    .await;
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0");
+    let SpawnedBinary {
+        mut child,
+        pid,
+        listen,
+        ..
+    } = spawn_binary(cmd).await;
 
     let request = tokio::spawn(client().get(format!("http://{listen}/slow")).send());
     upstream.requests.wait_for(1).await;

@@ -1062,6 +1062,58 @@ pub async fn memory_lock() -> tokio::sync::MutexGuard<'static, ()> {
 /// A command running the `idemproxy` binary built for these tests, with every
 /// inherited `IDEMPROXY_*` (and `RUST_LOG`) variable removed so that only
 /// what the test sets applies.
+/// The `idemproxy` binary started by [`spawn_binary`], killed when dropped.
+pub struct SpawnedBinary {
+    /// The child process.
+    pub child: tokio::process::Child,
+    /// Its process id.
+    pub pid: u32,
+    /// Where its traffic listener is bound.
+    pub listen: SocketAddr,
+    /// Where its admin listener is bound.
+    pub admin: SocketAddr,
+}
+
+/// Starts `cmd` (from [`idemproxy_command`], with `IDEMPROXY_LISTEN` and
+/// `IDEMPROXY_ADMIN_LISTEN` on port 0) with JSON logs on a pipe, reads the
+/// bound addresses from its "idemproxy started" log line (the binary prints
+/// no port otherwise), and keeps draining its stdout so it never blocks.
+pub async fn spawn_binary(mut cmd: std::process::Command) -> SpawnedBinary {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    cmd.env("IDEMPROXY_LOG_FORMAT", "json")
+        .env("IDEMPROXY_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the idemproxy binary starts");
+    let pid = child.id().expect("a pid");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (listen, admin) = within("the 'idemproxy started' log line", async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("stdout closed");
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "idemproxy started" {
+                let addr = |key: &str| -> SocketAddr {
+                    event[key].as_str().expect(key).parse().expect(key)
+                };
+                return (addr("listen"), addr("admin"));
+            }
+        }
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    SpawnedBinary {
+        child,
+        pid,
+        listen,
+        admin,
+    }
+}
+
 pub fn idemproxy_command() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idemproxy"));
     for (name, _) in std::env::vars_os() {
