@@ -380,7 +380,10 @@ impl SessionTracker {
                 credentials,
                 renews,
             );
-            shared.add_bytes(session.bytes(id.len()), before);
+            let after = session.bytes(id.len());
+            if after != before {
+                shared.add_bytes(after, before);
+            }
             return Observed::Refreshed;
         }
         let credentials = credentials.into_credentials();
@@ -437,7 +440,10 @@ impl SessionTracker {
                     NewCredentials::Known(credentials),
                     renews,
                 );
-                shared.add_bytes(existing.bytes(key.len()), before);
+                let after = existing.bytes(key.len());
+                if after != before {
+                    shared.add_bytes(after, before);
+                }
                 return Observed::Refreshed;
             }
             Entry::Vacant(vacant) => {
