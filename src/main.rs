@@ -1,6 +1,7 @@
 //! The `idemproxy` binary: reads the configuration, starts the proxy, and
 //! drains gracefully on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
 use std::process::ExitCode;
 
