@@ -290,7 +290,7 @@ where
         .unwrap_or(config.request_timeout);
     let deadline = Instant::now().checked_add(limit);
     // A replay after the upstream may have processed the request must not be
-    // able to run it twice: see `replay_is_safe`.
+    // able to run it twice (the README's replay rules).
     let replay_safe = config.retry_unsafe_requests
         || policy.is_some_and(|p| p.replay_after_send)
         || is_idempotent(req.method());
