@@ -96,7 +96,7 @@ fn route_matching(c: &mut Criterion) {
     g.bench_function("classify/last_of_8", |b| {
         b.iter(|| {
             table
-                .classify(
+                .route_match(
                     black_box(&Method::POST),
                     black_box("/v1/sessions/bench-1/entries"),
                 )
@@ -106,14 +106,14 @@ fn route_matching(c: &mut Criterion) {
     g.bench_function("classify/first_of_8", |b| {
         b.iter(|| {
             table
-                .classify(black_box(&Method::PUT), black_box("/db/doc-42"))
+                .route_match(black_box(&Method::PUT), black_box("/db/doc-42"))
                 .map(|m| m.index)
         })
     });
     g.bench_function("classify/miss", |b| {
         b.iter(|| {
             table
-                .classify(black_box(&Method::GET), black_box("/healthz/other/path"))
+                .route_match(black_box(&Method::GET), black_box("/healthz/other/path"))
                 .map(|m| m.index)
         })
     });
@@ -121,7 +121,7 @@ fn route_matching(c: &mut Criterion) {
     g.bench_function("classify/empty_table", |b| {
         b.iter(|| {
             empty
-                .classify(
+                .route_match(
                     black_box(&Method::GET),
                     black_box("/v1/sessions/bench-1/state"),
                 )

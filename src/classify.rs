@@ -9,7 +9,7 @@
 //! use idemproxy::routes::RouteTable;
 //! let table = RouteTable::parse("POST /v1/sessions/{sid}/entries session=path:sid").unwrap();
 //! let config = ClassifyConfig { table: Arc::new(table), ..ClassifyConfig::default() };
-//! assert!(config.table.classify(&http::Method::POST, "/v1/sessions/s1/entries").is_some());
+//! assert!(config.table.route_match(&http::Method::POST, "/v1/sessions/s1/entries").is_some());
 //! ```
 
 use std::sync::Arc;
@@ -114,7 +114,7 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (parts, body) = req.into_parts();
         let config = &*self.config;
-        let matched = config.table.classify(&parts.method, parts.uri.path());
+        let matched = config.table.route_match(&parts.method, parts.uri.path());
         let needs_body = needs_body(config, &parts, matched.as_ref().map(|m| m.route));
         let (index, captures) = match matched {
             Some(m) => (Some(m.index), m.captures),

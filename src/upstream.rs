@@ -152,14 +152,14 @@ impl tower_service::Service<Request<Body>> for UpstreamService {
         Box::pin(async move {
             match response.await {
                 Ok(resp) => Ok(resp.map(body::boxed)),
-                Err(e) => Err(classify(e, connect_timeout)),
+                Err(e) => Err(error_kind(e, connect_timeout)),
             }
         })
     }
 }
 
 /// Maps a client error to what happened, for retries, metrics and the client.
-fn classify(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -> UpstreamError {
+fn error_kind(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -> UpstreamError {
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     let mut timed_out = false;
     let mut reset = false;

@@ -87,7 +87,7 @@ use self::backoff::Backoff;
 use self::budget::RetryBudget;
 pub use self::metrics::RetryMetrics;
 pub use self::policy::{ParseRetryOnError, RetryClass, RetryOn};
-use self::policy::{classify_error, classify_status, retry_after, status_may_have_been_processed};
+use self::policy::{error_class, retry_after, status_class, status_may_have_been_processed};
 use self::replay::{NotReplayable, Replay, ReplayBody, ReplayMemory};
 
 /// The response header telling how many attempts were sent, when more than one.
@@ -356,13 +356,13 @@ where
         };
         processed |= this_processed;
         let reason = match &result {
-            Ok(rsp) => classify_status(
+            Ok(rsp) => status_class(
                 rsp.status(),
                 config.retry_on,
                 &config.statuses,
                 &config.retriable_status_codes,
             ),
-            Err(error) => classify_error(error, config.retry_on),
+            Err(error) => error_class(error, config.retry_on),
         };
         let Some(reason) = reason else {
             break result;

@@ -174,7 +174,7 @@ const GATEWAY_ERRORS: [StatusCode; 3] = [
 /// The class a response status falls in, if it is retried at all. When a
 /// status is in several classes, `5xx` wins over `gateway-error` over
 /// `retriable-status-codes`.
-pub fn classify_status(
+pub fn status_class(
     status: StatusCode,
     on: RetryOn,
     statuses: &[StatusCode],
@@ -195,7 +195,7 @@ pub fn classify_status(
 /// request body (the client's fault) and unclassified errors never are. The
 /// narrower `reset-before-request` and `refused-stream` are named when
 /// enabled themselves or through `reset`.
-pub fn classify_error(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> {
+pub fn error_class(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> {
     let narrow =
         |class: RetryClass| (on.contains(class) || on.contains(RetryClass::Reset)).then_some(class);
     let class = match error {
@@ -275,13 +275,13 @@ mod tests {
         ];
         let extra = [StatusCode::TOO_MANY_REQUESTS];
         let on = RetryOn::parse("gateway-error,retriable-status-codes").unwrap();
-        let c = |s: u16| classify_status(StatusCode::from_u16(s).unwrap(), on, &statuses, &extra);
+        let c = |s: u16| status_class(StatusCode::from_u16(s).unwrap(), on, &statuses, &extra);
         assert_eq!(c(502), Some(RetryClass::GatewayError));
         assert_eq!(c(500), None);
         assert_eq!(c(429), Some(RetryClass::RetriableStatusCodes));
         assert_eq!(c(404), None);
         let on = RetryOn::parse("5xx").unwrap();
-        let c = |s: u16| classify_status(StatusCode::from_u16(s).unwrap(), on, &statuses, &extra);
+        let c = |s: u16| status_class(StatusCode::from_u16(s).unwrap(), on, &statuses, &extra);
         assert_eq!(c(500), Some(RetryClass::FiveXx));
         assert_eq!(c(502), None);
     }
@@ -291,15 +291,15 @@ mod tests {
     fn request_body_errors_are_never_retried() {
         let all = RetryOn::parse(RetryClass::VALID_WORDS).unwrap();
         assert_eq!(
-            classify_error(&UpstreamError::RequestBody("x".into()), all),
+            error_class(&UpstreamError::RequestBody("x".into()), all),
             None
         );
         assert_eq!(
-            classify_error(&UpstreamError::ConnectTimeout(Duration::from_secs(1)), all),
+            error_class(&UpstreamError::ConnectTimeout(Duration::from_secs(1)), all),
             Some(RetryClass::ConnectFailure)
         );
         assert_eq!(
-            classify_error(&UpstreamError::Reset("x".into()), RetryOn::empty()),
+            error_class(&UpstreamError::Reset("x".into()), RetryOn::empty()),
             None
         );
     }

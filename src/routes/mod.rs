@@ -28,7 +28,7 @@
 //! )
 //! .unwrap();
 //!
-//! let m = table.classify(&Method::POST, "/v1/sessions/a%20b/entries").unwrap();
+//! let m = table.route_match(&Method::POST, "/v1/sessions/a%20b/entries").unwrap();
 //! assert_eq!(m.captures.get("sid"), Some("a b"));
 //!
 //! // Build the verification URL for a 409: values are percent-encoded.
@@ -40,14 +40,16 @@
 //! assert_eq!(*method, Method::GET);
 //! assert_eq!(template.render(&ctx).unwrap(), "/v1/sessions/a%20b/entries/..%2Fadmin");
 //!
-//! assert_eq!(table.classify(&Method::GET, "/v1/sessions/s/await").unwrap().route.policy().retry, Some(false));
-//! assert!(table.classify(&Method::GET, "/v1/sessions//await").is_none());
+//! assert_eq!(table.route_match(&Method::GET, "/v1/sessions/s/await").unwrap().route.policy().retry, Some(false));
+//! assert!(table.route_match(&Method::GET, "/v1/sessions//await").is_none());
 //! ```
 #![warn(missing_docs)]
 
+mod escape;
 mod json;
 mod parse;
 mod path;
+mod scan;
 mod session_source;
 mod template;
 
@@ -80,7 +82,7 @@ impl RouteTable {
 
     /// The first route whose method (or `*`) and path template match, with
     /// its percent-decoded captures. The path's query, if any, is ignored.
-    pub fn classify(&self, method: &Method, path: &str) -> Option<RouteMatch<'_>> {
+    pub fn route_match(&self, method: &Method, path: &str) -> Option<RouteMatch<'_>> {
         self.routes
             .iter()
             .enumerate()
@@ -134,7 +136,7 @@ impl fmt::Display for RouteTable {
     }
 }
 
-/// The outcome of [`RouteTable::classify`].
+/// The outcome of [`RouteTable::route_match`].
 #[derive(Clone, Debug)]
 pub struct RouteMatch<'a> {
     /// The matched route.
@@ -361,10 +363,10 @@ mod tests {
     #[test]
     fn first_matching_route_wins() {
         let t = table("GET /v1/{a}/x retry=off\nGET /v1/special/x\n* /v1/{*rest} timeout=5s\n");
-        let m = t.classify(&Method::GET, "/v1/special/x").unwrap();
+        let m = t.route_match(&Method::GET, "/v1/special/x").unwrap();
         assert_eq!(m.index, 0);
         assert_eq!(m.captures.get("a"), Some("special"));
-        let m = t.classify(&Method::POST, "/v1/special/x").unwrap();
+        let m = t.route_match(&Method::POST, "/v1/special/x").unwrap();
         assert_eq!(m.index, 2);
         assert_eq!(m.captures.get("rest"), Some("special/x"));
         assert_eq!(
@@ -376,16 +378,16 @@ mod tests {
                 replay_after_send: false,
             }
         );
-        assert!(t.classify(&Method::GET, "/v2/x").is_none());
+        assert!(t.route_match(&Method::GET, "/v2/x").is_none());
     }
 
     #[test]
     fn star_matches_any_method_and_others_match_exactly() {
         let t = table("DELETE /s/{sid} session-end\n* /s/{sid}\n");
-        assert_eq!(t.classify(&Method::DELETE, "/s/1").unwrap().index, 0);
-        assert_eq!(t.classify(&Method::GET, "/s/1").unwrap().index, 1);
+        assert_eq!(t.route_match(&Method::DELETE, "/s/1").unwrap().index, 0);
+        assert_eq!(t.route_match(&Method::GET, "/s/1").unwrap().index, 1);
         assert_eq!(
-            t.classify(&Method::from_bytes(b"PURGE").unwrap(), "/s/1")
+            t.route_match(&Method::from_bytes(b"PURGE").unwrap(), "/s/1")
                 .unwrap()
                 .index,
             1
@@ -396,23 +398,26 @@ mod tests {
     fn matching_ignores_the_query_and_refuses_empty_segments() {
         let t = table("GET /v1/sessions/{sid}/await retry=off");
         let m = t
-            .classify(&Method::GET, "/v1/sessions/s%201/await?wait=30")
+            .route_match(&Method::GET, "/v1/sessions/s%201/await?wait=30")
             .unwrap();
         assert_eq!(m.captures.get("sid"), Some("s 1"));
-        assert!(t.classify(&Method::GET, "/v1/sessions//await").is_none());
-        assert!(t.classify(&Method::GET, "/v1/sessions/a/b/await").is_none());
+        assert!(t.route_match(&Method::GET, "/v1/sessions//await").is_none());
+        assert!(
+            t.route_match(&Method::GET, "/v1/sessions/a/b/await")
+                .is_none()
+        );
     }
 
     #[test]
     fn in_segment_literals_match() {
         let t = table("PUT /{table}(PartitionKey='{pk}') verify=same");
         let m = t
-            .classify(&Method::PUT, "/Orders(PartitionKey='k%201')")
+            .route_match(&Method::PUT, "/Orders(PartitionKey='k%201')")
             .unwrap();
         assert_eq!(m.captures.get("table"), Some("Orders"));
         assert_eq!(m.captures.get("pk"), Some("k 1"));
         assert!(
-            t.classify(&Method::PUT, "/Orders(PartitionKey='')")
+            t.route_match(&Method::PUT, "/Orders(PartitionKey='')")
                 .is_none()
         );
     }
@@ -429,7 +434,11 @@ mod tests {
         assert_eq!(t.get(1).map(|r| r.line_number), Some(4));
         assert_eq!((&t).into_iter().count(), 2);
         assert!(table("").is_empty());
-        assert!(table("# nothing\n").classify(&Method::GET, "/").is_none());
+        assert!(
+            table("# nothing\n")
+                .route_match(&Method::GET, "/")
+                .is_none()
+        );
     }
 
     #[test]
@@ -473,7 +482,7 @@ mod tests {
             "POST /v1/sessions/{sid}/entries verify=GET:/v1/sessions/{sid}/entries/{body.uuid}",
         );
         let m = t
-            .classify(&Method::POST, "/v1/sessions/s%2F1/entries")
+            .route_match(&Method::POST, "/v1/sessions/s%2F1/entries")
             .unwrap();
         let Some(VerifyTarget::Template { template, .. }) =
             m.route.verify.as_ref().map(|v| &v.target)

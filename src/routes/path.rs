@@ -6,9 +6,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use super::template::{
-    Braces, TemplateError, Token, check_url_literal, is_capture_name, percent_decode, scan,
-};
+use super::escape::percent_decode;
+use super::scan::{Braces, TemplateError, Token, check_url_literal, is_capture_name, scan};
 
 /// The named values a matched path template captured, percent-decoded.
 ///

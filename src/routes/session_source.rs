@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::json::{FieldPath, lookup, scalar_text};
 use super::path::Captures;
-use super::template::is_capture_name;
+use super::scan::is_capture_name;
 
 const VALID_KINDS: &str = "path:NAME, header:NAME, cookie:NAME, json:FIELD.PATH, \
                            response-header:NAME or response-json:FIELD.PATH";

@@ -17,84 +17,11 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
+use super::escape::{HEX, percent_decode, push_encoded};
 use super::json::{FieldPath, lookup, scalar_text};
 use super::path::Captures;
-
-/// Why a template did not parse.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
-    /// A `{` without its `}`, a `}` without its `{`, or a `{` inside a placeholder.
-    #[error("unbalanced braces at byte {at}")]
-    Unbalanced {
-        /// Byte offset of the offending brace.
-        at: usize,
-    },
-    /// A placeholder that is none of the known kinds.
-    #[error(
-        "unknown placeholder {{{placeholder}}}: expected {{name}}, {{*name}}, {{body.a.b}}, \
-         {{header.X-Name}}, {{query.q}}, {{query}} or {{session}}"
-    )]
-    UnknownPlaceholder {
-        /// The text between the braces.
-        placeholder: String,
-    },
-    /// A placeholder of a known kind whose argument is invalid.
-    #[error("invalid placeholder {{{placeholder}}}: {reason}")]
-    InvalidPlaceholder {
-        /// The text between the braces.
-        placeholder: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// A URL template that does not start with `/`.
-    #[error("a path template must start with /")]
-    NotAPath,
-    /// A URL template whose literal text would make an absolute or scheme-relative URL.
-    #[error("a path template must not start with // or /\\ (that would name another host)")]
-    AbsoluteUrl,
-    /// A character that may not appear literally in this kind of template.
-    #[error("the character {ch:?} is not allowed here{hint}")]
-    InvalidCharacter {
-        /// The character.
-        ch: char,
-        /// An extra hint (may be empty).
-        hint: &'static str,
-    },
-    /// `{query}` outside the query part of a URL template.
-    #[error("{{query}} may only follow a literal ? in a path template")]
-    QueryOutsideQueryPart,
-    /// A placeholder kind this template cannot hold.
-    #[error("{{{placeholder}}} is not allowed {context}")]
-    NotAllowed {
-        /// The text between the braces.
-        placeholder: String,
-        /// Where it is not allowed.
-        context: &'static str,
-    },
-    /// A path template to match that names a capture twice.
-    #[error("the capture {{{name}}} appears twice")]
-    DuplicateCapture {
-        /// The capture name.
-        name: String,
-    },
-    /// Two captures side by side in one segment (`{a}{b}`): ambiguous.
-    #[error(
-        "two captures side by side in one segment are ambiguous; put literal text between them"
-    )]
-    AdjacentCaptures,
-    /// `{*name}` that is not the whole last segment of a path template to match.
-    #[error("{{*{name}}} must be the whole last segment of the path template")]
-    RestNotLast {
-        /// The capture name.
-        name: String,
-    },
-    /// A method word that is not a known HTTP method.
-    #[error("{method:?} is not an HTTP method")]
-    BadMethod {
-        /// The word.
-        method: String,
-    },
-}
+pub use super::scan::TemplateError;
+use super::scan::{Braces, Token, check_url_literal, is_capture_name, scan};
 
 /// Why a template could not be rendered for one request. The caller skips
 /// what it was building (a verification, a heartbeat) with a warning; it never
@@ -173,84 +100,8 @@ impl fmt::Display for Placeholder {
     }
 }
 
-/// What a placeholder-free piece of text or a placeholder is, as scanned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Token<'a> {
-    Literal(&'a str),
-    /// The text between the braces.
-    Placeholder(&'a str),
-}
-
-/// How braces that do not form a placeholder are read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Braces {
-    /// Every brace must belong to a placeholder.
-    Strict,
-    /// A `{` that does not open a well-formed placeholder is literal text (JSON).
-    Lenient,
-}
-
-/// The one placeholder scanner behind every template and path template.
-pub(crate) fn scan(text: &str, braces: Braces) -> Result<Vec<Token<'_>>, TemplateError> {
-    let mut tokens = Vec::new();
-    let mut literal_start = 0;
-    let mut pos = 0;
-    while let Some(offset) = text.get(pos..).and_then(|rest| rest.find(['{', '}'])) {
-        let at = pos + offset;
-        let opening = text.as_bytes().get(at) == Some(&b'{');
-        if !opening {
-            if braces == Braces::Strict {
-                return Err(TemplateError::Unbalanced { at });
-            }
-            pos = at + 1;
-            continue;
-        }
-        let after = at + 1;
-        let close = text
-            .get(after..)
-            .and_then(|rest| rest.find(['{', '}']))
-            .map(|i| after + i)
-            .filter(|&i| text.as_bytes().get(i) == Some(&b'}'));
-        let content = close.and_then(|close| text.get(after..close));
-        match (content, close) {
-            (Some(content), Some(close))
-                if braces == Braces::Strict || looks_like_placeholder(content) =>
-            {
-                if let Some(literal) = text.get(literal_start..at).filter(|l| !l.is_empty()) {
-                    tokens.push(Token::Literal(literal));
-                }
-                tokens.push(Token::Placeholder(content));
-                pos = close + 1;
-                literal_start = pos;
-            }
-            _ if braces == Braces::Strict => return Err(TemplateError::Unbalanced { at }),
-            _ => pos = after,
-        }
-    }
-    if let Some(literal) = text.get(literal_start..).filter(|l| !l.is_empty()) {
-        tokens.push(Token::Literal(literal));
-    }
-    Ok(tokens)
-}
-
-/// In a JSON template, only `{` + these characters + `}` is a placeholder.
-fn looks_like_placeholder(content: &str) -> bool {
-    !content.is_empty()
-        && content
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.*[]$@~".contains(&b))
-}
-
-/// Whether `name` is a valid capture name: ASCII letters, digits, `_` and `-`.
-pub(crate) fn is_capture_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 /// Reads the text between braces as a placeholder.
-pub(crate) fn classify(content: &str) -> Result<Placeholder, TemplateError> {
+pub(crate) fn read_placeholder(content: &str) -> Result<Placeholder, TemplateError> {
     let invalid = |reason| TemplateError::InvalidPlaceholder {
         placeholder: content.to_owned(),
         reason,
@@ -291,39 +142,6 @@ pub(crate) fn classify(content: &str) -> Result<Placeholder, TemplateError> {
             placeholder: content.to_owned(),
         }),
     }
-}
-
-/// Characters that may appear literally in a URL template (RFC 3986
-/// unreserved, sub-delims, `:`, `@`, `/`, `?` and `%` escapes).
-pub(crate) fn is_url_literal_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
-}
-
-/// Checks the literal text of a URL template: allowed characters only, and
-/// every `%` followed by two hex digits.
-pub(crate) fn check_url_literal(literal: &str) -> Result<(), TemplateError> {
-    let bytes = literal.as_bytes();
-    for (i, c) in literal.char_indices() {
-        let allowed = c.is_ascii() && is_url_literal_byte(c as u8);
-        if !allowed {
-            let hint = if c == '#' {
-                " (a fragment is never sent)"
-            } else {
-                "; percent-encode it"
-            };
-            return Err(TemplateError::InvalidCharacter { ch: c, hint });
-        }
-        if c == '%' {
-            let escape = bytes.get(i + 1..i + 3);
-            if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
-                return Err(TemplateError::InvalidCharacter {
-                    ch: '%',
-                    hint: " unless followed by two hex digits",
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A template with placeholders, parsed once at start-up.
@@ -373,7 +191,7 @@ impl Template {
                     pieces.push(Piece::Literal(literal.to_owned()));
                 }
                 Token::Placeholder(content) => {
-                    let placeholder = classify(content)?;
+                    let placeholder = read_placeholder(content)?;
                     if placeholder == Placeholder::Query && !in_query {
                         return Err(TemplateError::QueryOutsideQueryPart);
                     }
@@ -415,7 +233,7 @@ impl Template {
             .into_iter()
             .map(|token| match token {
                 Token::Literal(literal) => Ok(Piece::Literal(literal.to_owned())),
-                Token::Placeholder(content) => classify(content).map(Piece::Placeholder),
+                Token::Placeholder(content) => read_placeholder(content).map(Piece::Placeholder),
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -652,21 +470,6 @@ fn push_path_value(
     Ok(())
 }
 
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
-
-/// Percent-encodes every byte except ALPHA, DIGIT, `-`, `.`, `_` and `~`.
-pub(crate) fn push_encoded(out: &mut String, value: &str) {
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0x0f)]));
-        }
-    }
-}
-
 /// Escapes `value` as the inside of a JSON string.
 fn push_json_escaped(out: &mut String, value: &str) {
     for c in value.chars() {
@@ -685,50 +488,6 @@ fn push_json_escaped(out: &mut String, value: &str) {
             c => out.push(c),
         }
     }
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Percent-decodes `text` (and `+` as a space when `plus_as_space`). A `%`
-/// not followed by two hex digits stays as it is. `None` when the decoded
-/// bytes are not UTF-8. Borrows when there is nothing to decode.
-pub(crate) fn percent_decode(text: &str, plus_as_space: bool) -> Option<Cow<'_, str>> {
-    if !text
-        .bytes()
-        .any(|b| b == b'%' || (plus_as_space && b == b'+'))
-    {
-        return Some(Cow::Borrowed(text));
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let escaped = (b == b'%')
-            .then(|| {
-                let high = bytes.get(i + 1).copied().and_then(hex_value)?;
-                let low = bytes.get(i + 2).copied().and_then(hex_value)?;
-                Some(high << 4 | low)
-            })
-            .flatten();
-        match escaped {
-            Some(decoded) => {
-                out.push(decoded);
-                i += 3;
-            }
-            None => {
-                out.push(if plus_as_space && b == b'+' { b' ' } else { b });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 #[cfg(test)]

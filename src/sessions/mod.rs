@@ -85,6 +85,7 @@ mod heartbeat;
 mod layer;
 mod metrics;
 mod scheduler;
+mod table;
 mod tracker;
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use tokio_util::time::DelayQueue;
 use super::EndReason;
 use super::heartbeat::{self, Judgement, Verdict};
 use super::metrics::HeartbeatOutcome;
-use super::tracker::{Shared, draw_jitter};
+use super::table::{Shared, Token, draw_jitter};
 use crate::body::Body;
 use crate::error::UpstreamError;
 
@@ -43,19 +43,6 @@ pub(super) const MAX_IN_FLIGHT: usize = 256;
 /// Below this spacing (above 100 heartbeats/s) the pacer lets slots that
 /// passed within this window go at once, since timers tick in milliseconds.
 const BURST_WINDOW: Duration = Duration::from_millis(10);
-
-/// The scheduler's handle on one registration of a session.
-#[derive(Debug)]
-pub(super) struct Token {
-    id: Arc<str>,
-    generation: u64,
-}
-
-impl Token {
-    pub(super) fn new(id: Arc<str>, generation: u64) -> Self {
-        Self { id, generation }
-    }
-}
 
 /// A finished attempt.
 struct Report {

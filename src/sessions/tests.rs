@@ -786,7 +786,7 @@ async fn metrics_are_exported_under_their_names() {
 /// The interval's jitter stays within ±10%.
 #[test]
 fn jitter_stays_within_ten_percent() {
-    use super::tracker::{draw_jitter, jittered};
+    use super::table::{draw_jitter, jittered};
     let interval = Duration::from_secs(10);
     assert_eq!(jittered(interval, 100), Duration::from_secs(11));
     assert_eq!(jittered(interval, -100), Duration::from_secs(9));
@@ -812,7 +812,7 @@ fn metric_labels_index_their_own_counters() {
 /// 112 bytes with its key pointer, plus the key, credentials and timer entry.
 #[test]
 fn session_entry_stays_small() {
-    use super::tracker::Session;
+    use super::table::Session;
     assert!(std::mem::size_of::<(Arc<str>, Session)>() <= 112);
 }
 
