@@ -17,8 +17,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use tower_layer::Layer;
-use tower_service::Service;
+use tower::{Layer, Service};
 use tracing::debug;
 
 use crate::body::Body;
@@ -27,7 +26,7 @@ use crate::error::UpstreamError;
 use crate::idempotency::{KeyConfig, KeyMode};
 use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
-use crate::service::{PassThrough, ResponseFuture, take_ready};
+use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// The matched route of a request, as a request extension.
 #[derive(Clone, Debug)]
@@ -94,11 +93,7 @@ pub struct Classify<S> {
 
 impl<S> Service<Request<Body>> for Classify<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: HttpService,
 {
     type Response = Response<Body>;
     type Error = UpstreamError;

@@ -1,6 +1,7 @@
-//! What the tower services of the stack share: the boxed future of an
-//! upstream answer, the future of a layer that passes most requests
-//! straight through, and taking the service `poll_ready` made ready.
+//! What the tower services of the stack share: the bound each layer puts
+//! on the service below it, the boxed future of an upstream answer, the
+//! future of a layer that passes most requests straight through, and taking
+//! the service `poll_ready` made ready.
 //!
 //! ```
 //! use idemproxy::service::take_ready;
@@ -11,10 +12,34 @@
 //! ```
 
 use futures_util::future::{BoxFuture, Either};
-use http::Response;
+use http::{Request, Response};
+use tower::Service;
 
 use crate::body::Body;
 use crate::error::UpstreamError;
+
+/// The service below a layer of the stack (and the upstream client under
+/// them all): HTTP requests in, HTTP responses or an [`UpstreamError`] out,
+/// cloned per request and sent across tasks.
+pub trait HttpService:
+    Service<Request<Body>, Response = Response<Body>, Error = UpstreamError, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = UpstreamError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 
 /// A boxed future of an upstream answer: what a layer returns when it has
 /// work of its own to do around the inner service.

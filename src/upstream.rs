@@ -127,7 +127,7 @@ impl UpstreamService {
     }
 }
 
-impl tower_service::Service<Request<Body>> for UpstreamService {
+impl tower::Service<Request<Body>> for UpstreamService {
     type Response = Response<Body>;
     type Error = UpstreamError;
     type Future = ResponseFuture;

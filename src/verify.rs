@@ -30,8 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
-use tower_layer::Layer;
-use tower_service::Service;
+use tower::{Layer, Service};
 use tracing::{info, warn};
 
 use crate::body::{self, Body};
@@ -44,7 +43,7 @@ use crate::policy::{RequestPolicy, SessionId};
 use crate::request_id::X_REQUEST_ID;
 use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
-use crate::service::{PassThrough, ResponseFuture, take_ready};
+use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// `x-idemproxy-recovered`, set on a recovered answer.
 pub static X_IDEMPROXY_RECOVERED: HeaderName = HeaderName::from_static("x-idemproxy-recovered");
@@ -198,11 +197,7 @@ struct Original {
 
 impl<S> Service<Request<Body>> for Verify<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: HttpService,
 {
     type Response = Response<Body>;
     type Error = UpstreamError;

@@ -43,15 +43,14 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tower_layer::Layer;
-use tower_service::Service;
+use tower::{Layer, Service};
 use tracing::debug;
 
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
 use crate::error::{UpstreamError, json_error};
-use crate::service::{PassThrough, ResponseFuture, take_ready};
+use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// `Idempotent-Replayed`, set on an answer served from the cache.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -270,11 +269,7 @@ pub struct IdempotencyCache<S> {
 
 impl<S> Service<Request<Body>> for IdempotencyCache<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
 {
     type Response = Response<Body>;
     type Error = UpstreamError;

@@ -5,8 +5,7 @@ use std::task::{Context, Poll};
 
 use http::{HeaderName, HeaderValue, Method, Request};
 use sha2::{Digest, Sha256};
-use tower_layer::Layer;
-use tower_service::Service;
+use tower::{Layer, Service};
 
 use crate::buffered::BufferedBody;
 use crate::policy::{RequestPolicy, SessionId};

@@ -24,15 +24,14 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tower::Service;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
 use crate::config::Upstream;
-use crate::error::{UpstreamError, json_error};
+use crate::error::json_error;
 use crate::metrics::{ErrorKind, ProxyMetrics};
 use crate::request_id::ensure_request_id;
-use crate::service::ResponseFuture;
+use crate::service::{HttpService, ResponseFuture};
 
 /// The layered upstream service the edge calls: any tower stack ending in
 /// [`crate::upstream::UpstreamService`], type-erased so layers can be added
@@ -50,12 +49,7 @@ impl Stack {
     /// Erases the type of a layered service.
     pub fn new<S>(service: S) -> Self
     where
-        S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: HttpService + Sync,
     {
         Self(Arc::new(service))
     }
@@ -78,12 +72,7 @@ trait CallStack: Send + Sync {
 
 impl<S> CallStack for S
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService + Sync,
 {
     fn call_clone(&self, req: Request<Body>) -> ResponseFuture {
         let mut svc = self.clone();
@@ -388,7 +377,10 @@ pub type ResponseBody = crate::body::WithGuard<InFlight>;
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use tower::Service;
+
     use super::*;
+    use crate::error::UpstreamError;
 
     /// Not ready on its first poll (it wakes the task), ready after: a
     /// layer that queues. The edge must wait for it, not call it unready.

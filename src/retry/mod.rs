@@ -81,7 +81,7 @@ use tower::{Layer, Service};
 use crate::body::{self, Body};
 use crate::error::UpstreamError;
 use crate::policy::RequestPolicy;
-use crate::service::{ResponseFuture, take_ready};
+use crate::service::{HttpService, ResponseFuture, take_ready};
 
 use self::backoff::Backoff;
 use self::budget::RetryBudget;
@@ -246,11 +246,7 @@ pub struct Retry<S> {
 
 impl<S> Service<Request<Body>> for Retry<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: HttpService,
 {
     type Response = Response<Body>;
     type Error = UpstreamError;

@@ -14,8 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
-use tower_layer::Layer;
-use tower_service::Service;
+use tower::{Layer, Service};
 use tracing::{debug, warn};
 
 use super::compact::Credentials;
@@ -30,7 +29,7 @@ use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };
-use crate::service::{PassThrough, ResponseFuture, take_ready};
+use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// How sessions are learned and heartbeated; built by the configuration.
 #[derive(Clone, Debug, Default)]
@@ -105,11 +104,7 @@ struct Pending {
 
 impl<S> Service<Request<Body>> for Sessions<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
 {
     type Response = Response<Body>;
     type Error = UpstreamError;

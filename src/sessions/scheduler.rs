@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use http::{Request, Response};
+use http::Request;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{Instant, sleep_until};
@@ -28,7 +28,7 @@ use super::heartbeat::{self, Judgement, Verdict};
 use super::metrics::HeartbeatOutcome;
 use super::table::{Shared, Token, draw_jitter};
 use crate::body::Body;
-use crate::error::UpstreamError;
+use crate::service::HttpService;
 
 /// Retries of a failed attempt within one heartbeat round.
 const MAX_RETRIES: u8 = 2;
@@ -65,11 +65,7 @@ pub(super) async fn run<S, F>(
     mut wake_rx: mpsc::UnboundedReceiver<Token>,
     shutdown: F,
 ) where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
     F: Future<Output = ()>,
 {
     let mut scheduler = Scheduler {
@@ -216,11 +212,7 @@ impl Scheduler {
     /// Sends pending heartbeats as far as the pacer allows.
     fn dispatch<S>(&mut self, client: &S, sends: &mut JoinSet<Report>)
     where
-        S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: HttpService,
     {
         let now = Instant::now();
         while self.pacer.ready(now) && sends.len() < MAX_IN_FLIGHT {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -21,8 +21,7 @@ use super::metrics::{SessionMetrics, Untracked};
 use super::scheduler;
 use super::table::{Session, Settings, Shared, Token, draw_jitter};
 use super::{EndReason, HeartbeatSpec, Registration, SessionConfig};
-use crate::body::Body;
-use crate::error::UpstreamError;
+use crate::service::HttpService;
 
 /// The longest session id tracked, in bytes; a session with a longer id is
 /// proxied but not tracked.
@@ -410,11 +409,7 @@ impl SessionTracker {
     /// returns a task that ends at once.
     pub fn spawn_scheduler<S, F>(&self, client: S, shutdown: F) -> JoinHandle<()>
     where
-        S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: HttpService,
         F: Future<Output = ()> + Send + 'static,
     {
         let rx = match self.shared.wake_rx.lock() {
