@@ -30,7 +30,7 @@ use idemproxy::buffered::BufferedBody;
 use idemproxy::idempotency::{
     CacheConfig, CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer, KeyConfig, KeyMode,
 };
-use idemproxy::policy::SessionId;
+use idemproxy::extensions::SessionId;
 use idemproxy::proxy::headers::{add_forwarded, strip_hop_by_hop};
 use idemproxy::retry::replay::{ReplayBody, ReplayMemory};
 use idemproxy::routes::RouteTable;

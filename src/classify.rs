@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use idemproxy::classify::{ClassifyConfig, Classified};
+//! use idemproxy::classify::ClassifyConfig;
 //! use idemproxy::routes::RouteTable;
 //! let table = RouteTable::parse("POST /v1/sessions/{sid}/entries session=path:sid").unwrap();
 //! let config = ClassifyConfig { table: Arc::new(table), ..ClassifyConfig::default() };
@@ -23,26 +23,10 @@ use tracing::debug;
 use crate::body::Body;
 use crate::buffered::{BufferedBody, read_ahead};
 use crate::error::UpstreamError;
+use crate::extensions::{Classified, SessionId, SessionSourceLabel};
 use crate::idempotency::{KeyConfig, KeyMode};
-use crate::policy::{SessionId, SessionSourceLabel};
 use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
 use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
-
-/// The matched route of a request, as a request extension.
-#[derive(Clone, Debug)]
-pub struct Classified {
-    table: Arc<RouteTable>,
-    index: usize,
-    /// The path template's captures, percent-decoded.
-    pub captures: Captures,
-}
-
-impl Classified {
-    /// The matched route.
-    pub fn route(&self) -> Option<&Route> {
-        self.table.get(self.index)
-    }
-}
 
 /// What classification needs to know.
 #[derive(Clone, Debug, Default)]

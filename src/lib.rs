@@ -10,8 +10,8 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use clap::Parser;
-//! let args = idemproxy::config::Args::try_parse_from(["idemproxy", "--upstream", "http://127.0.0.1:8080"])?;
+//! let env = std::collections::HashMap::new(); // or idemproxy::config::ProcessEnv
+//! let args = idemproxy::config::Args::try_parse_from_strings(["idemproxy", "--upstream", "http://127.0.0.1:8080"], &env)?;
 //! let config = idemproxy::config::Config::from_args(&args)?;
 //! let running = idemproxy::app::start(config).await?;
 //! println!("listening on {}", running.listen_addr);
@@ -33,9 +33,9 @@ pub mod buffered;
 pub mod classify;
 pub mod config;
 pub mod error;
+pub mod extensions;
 pub mod idempotency;
 pub mod metrics;
-pub mod policy;
 pub mod proxy;
 pub mod request_id;
 pub mod retry;

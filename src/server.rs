@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::proxy::{Proxy, RemoteAddr};
+use crate::extensions::RemoteAddr;
+use crate::proxy::Proxy;
 
 /// Limits applied to client connections.
 #[derive(Clone, Debug)]

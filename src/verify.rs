@@ -35,11 +35,11 @@ use tracing::{info, warn};
 
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
-use crate::classify::Classified;
 use crate::config::Upstream;
 use crate::error::UpstreamError;
-use crate::idempotency::IdempotencyKey;
-use crate::policy::{RequestPolicy, SessionId};
+use crate::extensions::Classified;
+
+use crate::extensions::{IdempotencyKey, RequestPolicy, SessionId};
 use crate::request_id::X_REQUEST_ID;
 use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::buffered::BufferedBody;
-use crate::policy::{RequestPolicy, SessionId};
+use crate::extensions::{IdempotencyKey, RequestPolicy, SessionId};
 
 /// How a missing key is made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,15 +66,6 @@ impl KeyConfig {
             None => self.methods.contains(req.method()),
         }
     }
-}
-
-/// The key a request carries upstream, as a request extension (for logs and the 409 verifier).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdempotencyKey {
-    /// The key.
-    pub value: HeaderValue,
-    /// Whether the client sent it (`false`: idemproxy made it).
-    pub from_client: bool,
 }
 
 /// Adds [`IdempotencyKeyService`] around a service.

@@ -27,4 +27,4 @@ mod key;
 pub use cache::{
     CacheConfig, CacheMetrics, IDEMPOTENT_REPLAYED, IdempotencyCache, IdempotencyCacheLayer,
 };
-pub use key::{IdempotencyKey, IdempotencyKeyLayer, IdempotencyKeyService, KeyConfig, KeyMode};
+pub use key::{IdempotencyKeyLayer, IdempotencyKeyService, KeyConfig, KeyMode};

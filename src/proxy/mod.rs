@@ -13,8 +13,8 @@
 pub mod conformance;
 pub mod headers;
 
+use crate::extensions::RemoteAddr;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -316,10 +316,6 @@ impl Refusal {
         }
     }
 }
-
-/// The client's address, set on every request by the server.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteAddr(pub SocketAddr);
 
 fn finish_response(
     mut resp: Response<Body>,

@@ -80,7 +80,7 @@ use tower::{Layer, Service};
 
 use crate::body::{self, Body};
 use crate::error::UpstreamError;
-use crate::policy::RequestPolicy;
+use crate::extensions::RequestPolicy;
 use crate::service::{HttpService, ResponseFuture, take_ready};
 
 use self::backoff::Backoff;

@@ -64,7 +64,7 @@ pub use path::{CaptureKind, Captures, PathTemplate};
 pub use session_source::{SessionSource, SessionSourceError, SessionSourceKind};
 pub use template::{Placeholder, RenderContext, RenderError, Template, TemplateError};
 
-use crate::policy::RequestPolicy;
+use crate::extensions::RequestPolicy;
 use crate::units::format_duration;
 
 /// The parsed `IDEMPROXY_ROUTES`: routes in order, first match wins.

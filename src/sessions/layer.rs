@@ -23,9 +23,9 @@ use super::{EndReason, HeartbeatSpec, InFlight, SessionTracker};
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::{BufferedBody, read_ahead};
-use crate::classify::Classified;
 use crate::error::UpstreamError;
-use crate::policy::{SessionId, SessionSourceLabel};
+use crate::extensions::Classified;
+use crate::extensions::{SessionId, SessionSourceLabel};
 use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };

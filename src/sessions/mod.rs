@@ -204,7 +204,7 @@ impl fmt::Debug for HeartbeatSpec {
 #[derive(Clone)]
 pub struct Registration {
     /// The session id, exactly as the backend carries it (the request's
-    /// `policy::SessionId`). A new session keeps this very allocation as its key.
+    /// `extensions::SessionId`). A new session keeps this very allocation as its key.
     pub id: Arc<str>,
     /// Where the id was found, e.g. `header:Mcp-Session-Id`. An `Arc` so the
     /// caller shares one label per configured source among all sessions.

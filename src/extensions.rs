@@ -1,0 +1,82 @@
+//! Every type that the layers pass to each other in a request's extensions,
+//! in one place, with who writes and who reads each. A layer reads what an
+//! outer layer wrote; nothing is computed twice.
+//!
+//! | type | written by | read by |
+//! |---|---|---|
+//! | [`RemoteAddr`] | the server, per connection | the edge (`X-Forwarded-For`) |
+//! | [`Classified`] | classify (the matched route and its captures) | sessions, verify |
+//! | [`RequestPolicy`] | classify (the route's decisions) | idempotency key, verify, retry |
+//! | [`SessionId`] | classify (the first request source that found one) | sessions, idempotency key (fingerprints), verify |
+//! | [`SessionSourceLabel`] | classify, next to [`SessionId`] | sessions |
+//! | [`BufferedBody`] | classify, when a later step reads the body | sessions, idempotency cache and key, verify |
+//! | [`IdempotencyKey`] | idempotency key | verify (logs, and left off the verification read) |
+//!
+//! [`BufferedBody`] lives with the read-ahead that makes it
+//! (`crate::buffered`) and is named here so that this table is whole.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+pub use crate::buffered::BufferedBody;
+use crate::routes::{Captures, Route, RouteTable};
+
+/// The client's address, set on every request by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub SocketAddr);
+
+/// The matched route of a request, as a request extension.
+#[derive(Clone, Debug)]
+pub struct Classified {
+    pub(crate) table: Arc<RouteTable>,
+    pub(crate) index: usize,
+    /// The path template's captures, percent-decoded.
+    pub captures: Captures,
+}
+
+impl Classified {
+    /// The matched route.
+    pub fn route(&self) -> Option<&Route> {
+        self.table.get(self.index)
+    }
+}
+
+/// What the route table decided for one request. A request without this
+/// extension gets the global defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestPolicy {
+    /// `Some(false)` when the matched route says `retry=off`.
+    pub retry: Option<bool>,
+    /// The route's overall deadline (`timeout=`), replacing the global one.
+    pub timeout: Option<Duration>,
+    /// `Some(true)`/`Some(false)` when the route says `idempotency-key=on|off`
+    /// (`honoured` is `Some(true)`).
+    pub idempotency_key: Option<bool>,
+    /// The route makes a replay after sending safe whatever the method: it
+    /// says `idempotency-key=honoured`, or it has a `verify=` rule (a replay
+    /// that meets the stored write gets a 409, which is verified).
+    pub replay_after_send: bool,
+}
+
+/// The session a request belongs to, when a session source found one.
+/// Layers read it from the request's extensions (fingerprint keys, heartbeats).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionId(pub std::sync::Arc<str>);
+
+/// The label of the session source that found the request's [`SessionId`]
+/// (e.g. `header:Mcp-Session-Id`), as the session metrics and `/sessions`
+/// show it; set next to the id, so later layers need not search again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSourceLabel(pub std::sync::Arc<str>);
+
+/// The key a request carries upstream, as a request extension (for logs and the 409 verifier).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The key.
+    pub value: HeaderValue,
+    /// Whether the client sent it (`false`: idemproxy made it).
+    pub from_client: bool,
+}
