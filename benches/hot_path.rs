@@ -27,10 +27,10 @@ use http::{Method, Request};
 use http_body_util::BodyExt;
 use idemproxy::body::{self, Body};
 use idemproxy::buffered::BufferedBody;
+use idemproxy::extensions::SessionId;
 use idemproxy::idempotency::{
     CacheConfig, CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer, KeyConfig, KeyMode,
 };
-use idemproxy::extensions::SessionId;
 use idemproxy::proxy::headers::{add_forwarded, strip_hop_by_hop};
 use idemproxy::retry::replay::{ReplayBody, ReplayMemory};
 use idemproxy::routes::RouteTable;
@@ -321,7 +321,7 @@ where
 fn idempotency_cache(c: &mut Criterion) {
     let mut g = c.benchmark_group("idempotency_cache");
     let upstream = tower::service_fn(|_req: Request<Body>| async {
-        Ok::<_, idemproxy::error::UpstreamError>(http::Response::new(body::full("stored")))
+        Ok::<_, idemproxy::error::ProxyError>(http::Response::new(body::full("stored")))
     });
     for (name, prefill, max_entries) in [("insert_empty", 0, 1), ("insert_at_50k", 50_000, 50_000)]
     {

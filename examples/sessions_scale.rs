@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
 use idemproxy::body::{self, Body};
-use idemproxy::error::UpstreamError;
+use idemproxy::error::ProxyError;
 use idemproxy::sessions::{
     HeartbeatSpec, Registration, SessionConfig, SessionMetrics, SessionTracker,
 };
@@ -164,7 +164,7 @@ async fn measure(sessions: u64, interval: Duration, run: Duration) {
     let counter = Arc::clone(&calls);
     let upstream = tower::service_fn(move |_req: Request<Body>| {
         counter.fetch_add(1, Ordering::Relaxed);
-        async { Ok::<_, UpstreamError>(Response::new(body::empty())) }
+        async { Ok::<_, ProxyError>(Response::new(body::empty())) }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tracker.spawn_scheduler(upstream, async move {

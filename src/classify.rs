@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::body::Body;
 use crate::buffered::{BufferedBody, read_ahead};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::extensions::{Classified, SessionId, SessionSourceLabel};
 use crate::idempotency::{KeyConfig, KeyMode};
 use crate::routes::{Captures, MatchMode, Route, RouteTable, SessionSource, VerifyTarget};
@@ -80,13 +80,13 @@ where
     S: HttpService,
 {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     /// A request whose body nothing reads (most of them) is classified here
     /// and goes straight to the inner service's future; one whose body must
     /// be read first gets a boxed future that reads it.
     type Future = PassThrough<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -108,7 +108,7 @@ where
         Either::Right(Box::pin(async move {
             let (body, buffered) = read_ahead(body, config.max_body)
                 .await
-                .map_err(UpstreamError::RequestBody)?;
+                .map_err(ProxyError::RequestBody)?;
             let req = finish(&config, parts, body, buffered, index, captures);
             // Boxed: the inner future's higher-ranked lifetimes would otherwise
             // keep this future from being `Send` (a compiler limitation).

@@ -1,8 +1,9 @@
-//! Errors of the upstream path, and their one translation into a response.
+//! The stack's error, and its one translation into a response.
 //!
-//! Layers return [`UpstreamError`]; only the edge ([`UpstreamError::into_response`])
-//! turns one into what the client sees: `502` when the upstream could not be
-//! reached or broke the exchange, `504` when a deadline passed, both with a JSON
+//! Layers return [`ProxyError`]; only the edge ([`ProxyError::into_response`])
+//! turns one into what the client sees: `400` when the client's own request
+//! body failed, `502` when the upstream could not be reached or broke the
+//! exchange, `504` when a deadline passed, all with a JSON
 //! body `{"error", "detail", "attempts", "may_have_been_processed"}`. The last
 //! field tells an agent "safe to send again" (`false`: no attempt can have
 //! reached the upstream's handler) from "check first" (`true`).
@@ -14,9 +15,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::BoxError;
 use crate::body::{self, Body};
 
-/// Why no upstream response could be produced.
+/// Why no upstream response could be produced: the upstream's failure, or
+/// the client's own request body's (a `400`).
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub enum ProxyError {
     /// The TCP connection or TLS handshake failed (refused, unreachable, bad certificate).
     #[error("could not connect to the upstream: {0}")]
     Connect(#[source] BoxError),
@@ -53,7 +55,7 @@ pub enum UpstreamError {
     #[error("{last} (after {attempts} attempts)")]
     Exhausted {
         /// The error of the last attempt.
-        last: Box<UpstreamError>,
+        last: Box<ProxyError>,
         /// How many attempts were sent.
         attempts: u32,
         /// Whether any of the attempts may have been processed upstream.
@@ -61,7 +63,7 @@ pub enum UpstreamError {
     },
 }
 
-impl UpstreamError {
+impl ProxyError {
     /// A short, stable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -78,8 +80,8 @@ impl UpstreamError {
         }
     }
 
-    /// The error of the last attempt, looking through [`UpstreamError::Exhausted`].
-    pub fn last(&self) -> &UpstreamError {
+    /// The error of the last attempt, looking through [`ProxyError::Exhausted`].
+    pub fn last(&self) -> &ProxyError {
         match self {
             Self::Exhausted { last, .. } => last.last(),
             other => other,

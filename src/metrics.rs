@@ -18,7 +18,7 @@ pub struct CodeClass {
 /// Label of [`ProxyMetrics::upstream_errors`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorKind {
-    /// [`crate::error::UpstreamError::kind`].
+    /// [`crate::error::ProxyError::kind`].
     pub kind: &'static str,
 }
 

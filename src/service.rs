@@ -16,13 +16,13 @@ use http::{Request, Response};
 use tower::Service;
 
 use crate::body::Body;
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 
 /// The service below a layer of the stack (and the upstream client under
-/// them all): HTTP requests in, HTTP responses or an [`UpstreamError`] out,
+/// them all): HTTP requests in, HTTP responses or an [`ProxyError`] out,
 /// cloned per request and sent across tasks.
 pub trait HttpService:
-    Service<Request<Body>, Response = Response<Body>, Error = UpstreamError, Future: Send + 'static>
+    Service<Request<Body>, Response = Response<Body>, Error = ProxyError, Future: Send + 'static>
     + Clone
     + Send
     + 'static
@@ -33,7 +33,7 @@ impl<S> HttpService for S where
     S: Service<
             Request<Body>,
             Response = Response<Body>,
-            Error = UpstreamError,
+            Error = ProxyError,
             Future: Send + 'static,
         > + Clone
         + Send
@@ -43,7 +43,7 @@ impl<S> HttpService for S where
 
 /// A boxed future of an upstream answer: what a layer returns when it has
 /// work of its own to do around the inner service.
-pub type ResponseFuture = BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+pub type ResponseFuture = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 
 /// The future of a layer with nothing to do for most requests: those go
 /// straight to the inner future `F`, the others get a [`ResponseFuture`].

@@ -22,7 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::body::{self, Body};
 use crate::config::{Config, TlsConfig, Upstream};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::service::ResponseFuture;
 
 /// Why the upstream client could not be built (bad TLS material).
@@ -129,7 +129,7 @@ impl UpstreamService {
 
 impl tower::Service<Request<Body>> for UpstreamService {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -140,7 +140,7 @@ impl tower::Service<Request<Body>> for UpstreamService {
         let connect_timeout = self.shared.connect_timeout;
         match self.absolute_uri(std::mem::take(req.uri_mut())) {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => return Box::pin(std::future::ready(Err(UpstreamError::Other(e.into())))),
+            Err(e) => return Box::pin(std::future::ready(Err(ProxyError::Other(e.into())))),
         }
         // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); a client's
         // h2c request must not force HTTP/2 onto an HTTP/1.1 upstream.
@@ -159,7 +159,7 @@ impl tower::Service<Request<Body>> for UpstreamService {
 }
 
 /// Maps a client error to what happened, for retries, metrics and the client.
-fn error_kind(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -> UpstreamError {
+fn error_kind(err: hyper_util::client::legacy::Error, connect_timeout: Duration) -> ProxyError {
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     let mut timed_out = false;
     let mut reset = false;
@@ -209,22 +209,22 @@ fn error_kind(err: hyper_util::client::legacy::Error, connect_timeout: Duration)
     let err = Box::new(WithCauses(err));
     if err.0.is_connect() {
         if tls {
-            UpstreamError::Tls(err)
+            ProxyError::Tls(err)
         } else if timed_out {
-            UpstreamError::ConnectTimeout(connect_timeout)
+            ProxyError::ConnectTimeout(connect_timeout)
         } else {
-            UpstreamError::Connect(err)
+            ProxyError::Connect(err)
         }
     } else if user {
-        UpstreamError::RequestBody(err)
+        ProxyError::RequestBody(err)
     } else if refused {
-        UpstreamError::RefusedStream(err)
+        ProxyError::RefusedStream(err)
     } else if before_request {
-        UpstreamError::ResetBeforeRequest(err)
+        ProxyError::ResetBeforeRequest(err)
     } else if reset {
-        UpstreamError::Reset(err)
+        ProxyError::Reset(err)
     } else {
-        UpstreamError::Other(err)
+        ProxyError::Other(err)
     }
 }
 

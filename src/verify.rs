@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
 use crate::config::Upstream;
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::extensions::Classified;
 
 use crate::extensions::{IdempotencyKey, RequestPolicy, SessionId};
@@ -200,12 +200,12 @@ where
     S: HttpService,
 {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
     type Future = PassThrough<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -306,7 +306,7 @@ async fn verify<S>(
     location: Option<HeaderValue>,
 ) -> Result<Response<Body>, PassReason>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     let (method, target) = target(config, original, location.as_ref())?;

@@ -49,7 +49,7 @@ use tracing::debug;
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
-use crate::error::{UpstreamError, json_error};
+use crate::error::{ProxyError, json_error};
 use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// `Idempotent-Replayed`, set on an answer served from the cache.
@@ -272,12 +272,12 @@ where
     S: HttpService,
 {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
     type Future = PassThrough<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -699,7 +699,7 @@ mod tests {
     ) -> impl Service<
         Request<Body>,
         Response = Response<Body>,
-        Error = UpstreamError,
+        Error = ProxyError,
         Future: Send + 'static,
     > + Clone
     + Send
@@ -713,7 +713,7 @@ mod tests {
                 *resp.status_mut() = status;
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-                Ok::<_, UpstreamError>(resp)
+                Ok::<_, ProxyError>(resp)
             }
         })
     }
@@ -730,7 +730,7 @@ mod tests {
 
     async fn send<S>(svc: &S, req: Request<Body>) -> (StatusCode, HeaderMap, Bytes)
     where
-        S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError> + Clone,
+        S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone,
     {
         let resp = svc.clone().oneshot(req).await.unwrap();
         let (parts, body) = resp.into_parts();
@@ -955,7 +955,7 @@ mod tests {
                     let mut resp = Response::new(body::full("stored"));
                     resp.headers_mut()
                         .insert(header::SET_COOKIE, HeaderValue::from_static("sid=secret"));
-                    Ok::<_, UpstreamError>(resp)
+                    Ok::<_, ProxyError>(resp)
                 }));
         let (_, first, _) = send(&svc, request("c", "{}")).await;
         assert_eq!(first[header::SET_COOKIE], "sid=secret");
@@ -999,7 +999,7 @@ mod tests {
         });
         let cache = layer.cache.clone();
         let svc = layer.layer(service_fn(|_req: Request<Body>| async {
-            Ok::<_, UpstreamError>(Response::new(body::full("ok")))
+            Ok::<_, ProxyError>(Response::new(body::full("ok")))
         }));
         for i in 0..10_000 {
             let key = format!("{i:0>255}");

@@ -376,7 +376,7 @@ mod tests {
     use tower::Service;
 
     use super::*;
-    use crate::error::UpstreamError;
+    use crate::error::ProxyError;
 
     /// Not ready on its first poll (it wakes the task), ready after: a
     /// layer that queues. The edge must wait for it, not call it unready.
@@ -387,10 +387,10 @@ mod tests {
 
     impl Service<Request<Body>> for ReadyOnSecondPoll {
         type Response = Response<Body>;
-        type Error = UpstreamError;
-        type Future = std::future::Ready<Result<Response<Body>, UpstreamError>>;
+        type Error = ProxyError;
+        type Future = std::future::Ready<Result<Response<Body>, ProxyError>>;
 
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
             if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
                 cx.waker().wake_by_ref();
                 Poll::Pending
@@ -407,7 +407,7 @@ mod tests {
             let resp = Response::builder()
                 .status(StatusCode::ACCEPTED)
                 .body(body::empty())
-                .map_err(|e| UpstreamError::Other(e.into()));
+                .map_err(|e| ProxyError::Other(e.into()));
             std::future::ready(resp)
         }
     }

@@ -30,29 +30,29 @@
 //! - keeps the whole exchange up to response headers within the deadline
 //!   ([`RequestPolicy::timeout`], else [`RetryConfig::request_timeout`]): an
 //!   attempt in flight at the deadline is abandoned with
-//!   [`UpstreamError::Timeout`] (a `504`), and a retry that could not start
+//!   [`ProxyError::Timeout`] (a `504`), and a retry that could not start
 //!   before it is not made;
 //! - spends one token of the shared [`budget`] per retry; when it is spent,
 //!   the current answer goes back and `idemproxy_retry_budget_exhausted_total`
 //!   counts it;
 //! - answers with the last upstream response, adding
 //!   `x-idemproxy-attempts: N` when N > 1, or, when the last attempt had no
-//!   response, its error ([`UpstreamError::Exhausted`] after several attempts).
+//!   response, its error ([`ProxyError::Exhausted`] after several attempts).
 //!
 //! ```
 //! use http::{Request, Response, StatusCode};
-//! use idemproxy::{body::{self, Body}, error::UpstreamError};
+//! use idemproxy::{body::{self, Body}, error::ProxyError};
 //! use idemproxy::retry::{RetryConfig, RetryLayer, RetryMetrics, RetryOn};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
-//! # async fn demo() -> Result<(), UpstreamError> {
+//! # async fn demo() -> Result<(), ProxyError> {
 //! let config = RetryConfig {
 //!     retry_on: RetryOn::parse("5xx,reset,connect-failure").expect("valid words"),
 //!     ..RetryConfig::default()
 //! };
 //! let mut registry = prometheus_client::registry::Registry::default();
 //! let upstream = service_fn(|_req: Request<Body>| async {
-//!     Ok::<_, UpstreamError>(Response::new(body::full("stored")))
+//!     Ok::<_, ProxyError>(Response::new(body::full("stored")))
 //! });
 //! let client = ServiceBuilder::new()
 //!     .layer(RetryLayer::new(config, RetryMetrics::new(&mut registry)))
@@ -79,7 +79,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::body::{self, Body};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::extensions::RequestPolicy;
 use crate::service::{HttpService, ResponseFuture, take_ready};
 
@@ -249,10 +249,10 @@ where
     S: HttpService,
 {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -274,9 +274,9 @@ async fn send_with_retries<S>(
     mut svc: S,
     req: Request<Body>,
     shared: Arc<Shared>,
-) -> Result<Response<Body>, UpstreamError>
+) -> Result<Response<Body>, ProxyError>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError> + Send,
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
     S::Future: Send,
 {
     let config = &shared.config;
@@ -300,7 +300,7 @@ where
     if !retriable {
         shared.metrics.attempts(1);
         let result = attempt(&mut svc, req, false, deadline, config.try_timeout).await;
-        return result.unwrap_or(Err(UpstreamError::Timeout(limit)));
+        return result.unwrap_or(Err(ProxyError::Timeout(limit)));
     }
 
     let request_id = req
@@ -343,7 +343,7 @@ where
             Ok(result) => result,
             Err(DeadlinePassed) => {
                 processed = true;
-                break Err(UpstreamError::Timeout(limit));
+                break Err(ProxyError::Timeout(limit));
             }
         };
         let this_processed = match &result {
@@ -398,7 +398,7 @@ where
             }
             Ok(rsp)
         }
-        Err(last) if attempts > 1 => Err(UpstreamError::Exhausted {
+        Err(last) if attempts > 1 => Err(ProxyError::Exhausted {
             last: Box::new(last),
             attempts,
             may_have_been_processed: processed,
@@ -418,16 +418,16 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// Sends one attempt, bounded by the per-try timeout (a retriable
-/// [`UpstreamError::Timeout`]) and by the request's deadline.
+/// [`ProxyError::Timeout`]) and by the request's deadline.
 async fn attempt<S>(
     svc: &mut S,
     req: Request<Body>,
     make_ready: bool,
     deadline: Option<Instant>,
     try_timeout: Option<Duration>,
-) -> Result<Result<Response<Body>, UpstreamError>, DeadlinePassed>
+) -> Result<Result<Response<Body>, ProxyError>, DeadlinePassed>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError> + Send,
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
     S::Future: Send,
 {
     let call = async move {
@@ -436,7 +436,7 @@ where
         }
         // Boxed outside of any `async` state: holding `S::Future` itself
         // across an await trips rustc's lifetime inference for `Send`.
-        let call: Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send + '_>> =
+        let call: Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send + '_>> =
             Box::pin(svc.call(req));
         call.await
     };
@@ -444,7 +444,7 @@ where
     match (try_timeout, left) {
         (Some(per_try), left) if left.is_none_or(|left| per_try < left) => {
             let result = tokio::time::timeout(per_try, call).await;
-            Ok(result.unwrap_or(Err(UpstreamError::Timeout(per_try))))
+            Ok(result.unwrap_or(Err(ProxyError::Timeout(per_try))))
         }
         (_, Some(left)) => tokio::time::timeout(left, call)
             .await
@@ -477,7 +477,7 @@ impl RetryLog<'_> {
     /// close, or budget spent.
     fn next_delay(
         &self,
-        result: &Result<Response<Body>, UpstreamError>,
+        result: &Result<Response<Body>, ProxyError>,
         reason: RetryClass,
         attempts: u32,
         replay: &Replay,

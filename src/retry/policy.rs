@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode, header};
 
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 
 /// One class of retriable outcome; its name is Envoy's `retry_on` word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -195,19 +195,19 @@ pub fn status_class(
 /// request body (the client's fault) and unclassified errors never are. The
 /// narrower `reset-before-request` and `refused-stream` are named when
 /// enabled themselves or through `reset`.
-pub fn error_class(error: &UpstreamError, on: RetryOn) -> Option<RetryClass> {
+pub fn error_class(error: &ProxyError, on: RetryOn) -> Option<RetryClass> {
     let narrow =
         |class: RetryClass| (on.contains(class) || on.contains(RetryClass::Reset)).then_some(class);
     let class = match error {
-        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) => RetryClass::ConnectFailure,
-        UpstreamError::Reset(_) => RetryClass::Reset,
-        UpstreamError::ResetBeforeRequest(_) => return narrow(RetryClass::ResetBeforeRequest),
-        UpstreamError::RefusedStream(_) => return narrow(RetryClass::RefusedStream),
-        UpstreamError::Timeout(_) => RetryClass::Timeout,
-        UpstreamError::RequestBody(_)
-        | UpstreamError::Tls(_)
-        | UpstreamError::Other(_)
-        | UpstreamError::Exhausted { .. } => {
+        ProxyError::Connect(_) | ProxyError::ConnectTimeout(_) => RetryClass::ConnectFailure,
+        ProxyError::Reset(_) => RetryClass::Reset,
+        ProxyError::ResetBeforeRequest(_) => return narrow(RetryClass::ResetBeforeRequest),
+        ProxyError::RefusedStream(_) => return narrow(RetryClass::RefusedStream),
+        ProxyError::Timeout(_) => RetryClass::Timeout,
+        ProxyError::RequestBody(_)
+        | ProxyError::Tls(_)
+        | ProxyError::Other(_)
+        | ProxyError::Exhausted { .. } => {
             return None;
         }
     };
@@ -290,16 +290,13 @@ mod tests {
     #[test]
     fn request_body_errors_are_never_retried() {
         let all = RetryOn::parse(RetryClass::VALID_WORDS).unwrap();
+        assert_eq!(error_class(&ProxyError::RequestBody("x".into()), all), None);
         assert_eq!(
-            error_class(&UpstreamError::RequestBody("x".into()), all),
-            None
-        );
-        assert_eq!(
-            error_class(&UpstreamError::ConnectTimeout(Duration::from_secs(1)), all),
+            error_class(&ProxyError::ConnectTimeout(Duration::from_secs(1)), all),
             Some(RetryClass::ConnectFailure)
         );
         assert_eq!(
-            error_class(&UpstreamError::Reset("x".into()), RetryOn::empty()),
+            error_class(&ProxyError::Reset("x".into()), RetryOn::empty()),
             None
         );
     }

@@ -74,7 +74,7 @@ impl Upstream {
     ) -> impl Service<
         Request<Body>,
         Response = Response<Body>,
-        Error = UpstreamError,
+        Error = ProxyError,
         Future = ResponseFuture,
     > + Clone
     + Send
@@ -93,7 +93,7 @@ impl Upstream {
         self.seen.lock().unwrap().len()
     }
 
-    async fn handle(self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+    async fn handle(self, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let step = self
             .script
             .lock()
@@ -113,7 +113,7 @@ impl Upstream {
         };
         let read = read_body(&mut body, &mut seen, frames).await;
         self.seen.lock().unwrap().push(seen);
-        read.map_err(UpstreamError::RequestBody)?;
+        read.map_err(ProxyError::RequestBody)?;
         let status = |code: u16| {
             let mut rsp = Response::new(body::full(format!("status {code}")));
             *rsp.status_mut() = StatusCode::from_u16(code).unwrap();
@@ -127,10 +127,10 @@ impl Upstream {
                 rsp.headers_mut().insert(header::RETRY_AFTER, value);
                 Ok(rsp)
             }
-            Step::ConnectFail => Err(UpstreamError::Connect("connection refused".into())),
-            Step::Reset => Err(UpstreamError::Reset("connection reset".into())),
-            Step::ResetBeforeRequest => Err(UpstreamError::ResetBeforeRequest("closed".into())),
-            Step::RefusedStream => Err(UpstreamError::RefusedStream("REFUSED_STREAM".into())),
+            Step::ConnectFail => Err(ProxyError::Connect("connection refused".into())),
+            Step::Reset => Err(ProxyError::Reset("connection reset".into())),
+            Step::ResetBeforeRequest => Err(ProxyError::ResetBeforeRequest("closed".into())),
+            Step::RefusedStream => Err(ProxyError::RefusedStream("REFUSED_STREAM".into())),
             Step::Hang | Step::HangAfterFrame => std::future::pending().await,
         }
     }
@@ -305,7 +305,7 @@ async fn unconfigured_class_is_not_retried() {
     let rsp = h.send(post(body::empty())).await.unwrap();
     assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
     let err = h.send(post(body::empty())).await.unwrap_err();
-    assert!(matches!(err, UpstreamError::Reset(_)), "{err:?}");
+    assert!(matches!(err, ProxyError::Reset(_)), "{err:?}");
     assert_eq!(h.upstream.attempts(), 2);
 }
 
@@ -427,7 +427,7 @@ async fn body_over_cap_is_not_retried_once_sent() {
     // Known too large from its length: same answer.
     let h = Harness::new(config, Upstream::new(&[Step::Reset]));
     let err = h.send(post(body::full(vec![7u8; 4096]))).await.unwrap_err();
-    assert!(matches!(err, UpstreamError::Reset(_)), "{err:?}");
+    assert!(matches!(err, ProxyError::Reset(_)), "{err:?}");
     assert_eq!(h.upstream.attempts(), 1);
 }
 
@@ -489,7 +489,7 @@ async fn hanging_attempt_is_cut_at_the_deadline() {
     let start = Instant::now();
     let err = h.send(post(body::empty())).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(5));
-    assert!(matches!(err.last(), UpstreamError::Timeout(d) if *d == Duration::from_secs(5)));
+    assert!(matches!(err.last(), ProxyError::Timeout(d) if *d == Duration::from_secs(5)));
     assert_eq!(err.attempts(), 2);
     assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
 }
@@ -636,7 +636,7 @@ async fn exhausted_errors_carry_the_attempt_count() {
     let h = Harness::new(config, Upstream::with_fallback(&[], Step::ConnectFail));
     let err = h.send(post(body::empty())).await.unwrap_err();
     assert!(
-        matches!(&err, UpstreamError::Exhausted { attempts: 2, last, may_have_been_processed: false } if matches!(**last, UpstreamError::Connect(_)))
+        matches!(&err, ProxyError::Exhausted { attempts: 2, last, may_have_been_processed: false } if matches!(**last, ProxyError::Connect(_)))
     );
     assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
 }
@@ -647,7 +647,7 @@ async fn broken_request_body_is_never_retried() {
     let h = Harness::new(fast(), Upstream::new(&[Step::Status(200)]));
     let frames = vec![data(b"ok"), Err("client went away".into())];
     let err = h.send(post(stream_body(frames))).await.unwrap_err();
-    assert!(matches!(err, UpstreamError::RequestBody(_)), "{err:?}");
+    assert!(matches!(err, ProxyError::RequestBody(_)), "{err:?}");
     assert_eq!(h.upstream.attempts(), 1);
 }
 

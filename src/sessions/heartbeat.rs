@@ -14,7 +14,7 @@ use tower::ServiceExt;
 
 use super::compact::{Beat, Credentials};
 use crate::body::{self, Body};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::service::ResponseFuture;
 
 /// The most bytes of a heartbeat answer that are read (to find the alive
@@ -106,7 +106,7 @@ pub(super) fn send<S>(
     alive_field: Option<Arc<[String]>>,
 ) -> impl Future<Output = Judgement> + Send + 'static
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
         + Send
         + 'static,
     S::Future: Send + 'static,

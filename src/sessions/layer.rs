@@ -23,7 +23,7 @@ use super::{EndReason, HeartbeatSpec, InFlight, SessionTracker};
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::{BufferedBody, read_ahead};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 use crate::extensions::Classified;
 use crate::extensions::{SessionId, SessionSourceLabel};
 use crate::routes::{
@@ -107,12 +107,12 @@ where
     S: HttpService,
 {
     type Response = Response<Body>;
-    type Error = UpstreamError;
+    type Error = ProxyError;
     /// A request this layer has nothing to do for goes straight to the inner
     /// service's future, without a boxed future of its own.
     type Future = PassThrough<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 

@@ -38,7 +38,7 @@
 //! use std::sync::Arc;
 //! use http::{HeaderMap, Method, Response, header};
 //! use idemproxy::body::{self, Body};
-//! use idemproxy::error::UpstreamError;
+//! use idemproxy::error::ProxyError;
 //! use idemproxy::sessions::{
 //!     EndReason, HeartbeatSpec, Registration, SessionConfig, SessionMetrics, SessionTracker,
 //! };
@@ -50,7 +50,7 @@
 //!
 //! // The proxy's upstream service; here one that answers 200 to everything.
 //! let upstream = tower::service_fn(|_req: http::Request<Body>| async {
-//!     Ok::<_, UpstreamError>(Response::new(body::empty()))
+//!     Ok::<_, ProxyError>(Response::new(body::empty()))
 //! });
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let scheduler = tracker.spawn_scheduler(upstream, async move { let _ = stopped.await; });

@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep};
 use super::heartbeat::has_field;
 use super::*;
 use crate::body::{self, Body};
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 
 /// One request the fake upstream received.
 #[derive(Clone, Debug)]
@@ -109,12 +109,12 @@ where
                     Reply::Json(code, text) => (code, text),
                     Reply::Hang => std::future::pending().await,
                     Reply::ConnectError => {
-                        return Err(UpstreamError::Connect("connection refused".into()));
+                        return Err(ProxyError::Connect("connection refused".into()));
                     }
                 };
                 let mut resp = Response::new(body::full(text));
                 *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-                Ok::<_, UpstreamError>(resp)
+                Ok::<_, ProxyError>(resp)
             }
         })
     };
