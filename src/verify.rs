@@ -37,9 +37,7 @@ use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
 use crate::config::Upstream;
 use crate::error::ProxyError;
-use crate::extensions::Classified;
-
-use crate::extensions::{IdempotencyKey, RequestPolicy, SessionId};
+use crate::extensions::{Classified, IdempotencyKey, RequestPolicy, SessionId};
 use crate::request_id::X_REQUEST_ID;
 use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};

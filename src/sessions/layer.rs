@@ -24,8 +24,7 @@ use crate::BoxError;
 use crate::body::{self, Body};
 use crate::buffered::{BufferedBody, read_ahead};
 use crate::error::ProxyError;
-use crate::extensions::Classified;
-use crate::extensions::{SessionId, SessionSourceLabel};
+use crate::extensions::{Classified, SessionId, SessionSourceLabel};
 use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };
