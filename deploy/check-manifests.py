@@ -6,8 +6,6 @@ venv's python (PyYAML comes with kubernetes-validate).
                                                   neither kubectl nor kustomize is installed)
     check-manifests.py compare RENDERED DIR       RENDERED (kubectl kustomize) equals `render DIR`
     check-manifests.py policy NATIVE LEGACY       sidecar wiring, probes, security, grace period
-    check-manifests.py names BINARY               every IDEMPROXY_* name in deploy/ and README.md
-                                                  is an option of BINARY --help
     check-manifests.py check-config RENDERED BINARY
                                                   the ConfigMap's data passes BINARY --check-config
     check-manifests.py docker-context             the build context that Dockerfile.dockerignore
@@ -276,48 +274,6 @@ def cmd_policy(native: Path, legacy: Path) -> int:
 # --------------------------------------------------------------------------- binary
 
 
-def help_env_names(binary: Path) -> set[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPROXY_")}
-    text = subprocess.run([str(binary), "--help"], env=env, check=True, capture_output=True, text=True).stdout
-    names = set(re.findall(r"\[env: (IDEMPROXY_[A-Z0-9_]+)=", text))
-    if not names:
-        raise SystemExit(f"no [env: IDEMPROXY_...] in {binary} --help")
-    return names
-
-
-NAME = re.compile(r"IDEMPROXY_[A-Z0-9_]*")
-# Words that mark an illustrative name (IDEMPROXY_FOO_BAR is --foo-bar), not a claim
-# about an option. tests/deploy.rs uses the same list.
-PLACEHOLDER_WORDS = {"FOO", "BAR", "BAZ", "EXAMPLE", "XXX"}
-
-
-def cmd_names(binary: Path) -> int:
-    known = help_env_names(binary)
-    files = [p for p in sorted(DEPLOY.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
-    if (ROOT / "README.md").exists():
-        files.append(ROOT / "README.md")
-    seen = 0
-    for path in files:
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError:
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            for m in NAME.finditer(line):
-                name = m.group(0)
-                after = line[m.end():m.end() + 1]
-                if name == "IDEMPROXY_" or PLACEHOLDER_WORDS & set(name.split("_")):
-                    continue  # the prefix itself (IDEMPROXY_<NAME>, IDEMPROXY_*) or a placeholder
-                seen += 1
-                if name.endswith("_") or after == "*":
-                    # A family: IDEMPROXY_RETRY_* names at least one real option.
-                    if not any(k.startswith(name) for k in known):
-                        fail(f"{path.relative_to(ROOT)}:{n}: no option starts with {name}")
-                elif name not in known:
-                    fail(f"{path.relative_to(ROOT)}:{n}: {name} is not an option of idemproxy --help")
-    return finish(f"IDEMPROXY_* names ({seen} mentions in {len(files)} files, {len(known)} options)")
-
-
 def throwaway_tls(directory: Path) -> None:
     """A self-signed certificate and key, so the files are real PEM (openssl if present)."""
     key, crt = directory / "tls.key", directory / "tls.crt"
@@ -425,8 +381,6 @@ def main(argv: list[str]) -> int:
         return cmd_compare(Path(argv[1]), Path(argv[2]).resolve())
     if len(argv) == 3 and argv[0] == "policy":
         return cmd_policy(Path(argv[1]), Path(argv[2]))
-    if len(argv) == 2 and argv[0] == "names":
-        return cmd_names(Path(argv[1]))
     if argv == ["docker-context"]:
         return cmd_docker_context()
     if len(argv) == 3 and argv[0] == "check-config":

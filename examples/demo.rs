@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use idemproxy::config::{Args, Config};
+use idemproxy::config::{Args, Config, ProcessEnv};
 use idemproxy::retry::RetryConfig;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
@@ -469,7 +469,7 @@ fn proxy_config_with(
     argv.extend(["--routes".to_owned(), routes.to_owned()]);
     argv.extend(demo_proxy_flags(demo));
     argv.extend(extra.iter().cloned());
-    if let Err(e) = Args::try_parse_from(&argv) {
+    if let Err(e) = Args::try_parse_from_strings(&argv, &ProcessEnv) {
         return Err(format!(
             "idemproxy does not accept the demo's flags: is its retry, 409 or heartbeat layer \
              missing from this build?\n{e}"
@@ -477,7 +477,7 @@ fn proxy_config_with(
         .into());
     }
     argv.extend(demo.proxy_args.iter().cloned());
-    let args = Args::try_parse_from(&argv).map_err(|e| {
+    let args = Args::try_parse_from_strings(&argv, &ProcessEnv).map_err(|e| {
         format!(
             "idemproxy rejected the flags after `--` ({}); the demo itself sets --routes and {}: \
              change those with the demo's flags of the same name.\n{e}",

@@ -5,7 +5,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use idemproxy::config::{Args, Config};
 
 /// mimalloc: a request allocates and frees many small blocks (headers, bodies,
@@ -14,7 +13,11 @@ use idemproxy::config::{Args, Config};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::from_env();
+    if args.env_reference {
+        print!("{}", idemproxy::config::reference::markdown());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -113,8 +113,8 @@ const DOCUMENTED_DEFAULTS: &[(&str, &str)] = &[
     ("IDEMPROXY_DRAIN_TIMEOUT", "20s"),
 ];
 
-/// One option of `--help`: its flag, its value's name (`DURATION`, `N`,
-/// ...) and, if shown, its default.
+/// One option of the binary: its flag, its value's name (`DURATION`, `N`,
+/// ...) and, if it has one, its default.
 #[derive(Debug)]
 struct HelpOption {
     flag: String,
@@ -122,55 +122,57 @@ struct HelpOption {
     default: Option<String>,
 }
 
-/// Reads `idemproxy --help` into variable -> option.
+/// The binary's options with a variable, variable -> option, read from clap's
+/// introspection of the real `Args` (what `--help` and `--env-reference` show).
 fn help_options() -> BTreeMap<String, HelpOption> {
+    let options: BTreeMap<String, HelpOption> = idemproxy::config::reference::options()
+        .into_iter()
+        .filter_map(|o| {
+            let var = o.variable?;
+            Some((
+                var,
+                HelpOption {
+                    flag: format!("--{}", o.flag),
+                    value_name: o.value_name.unwrap_or_default(),
+                    default: o.default,
+                },
+            ))
+        })
+        .collect();
+    assert!(!options.is_empty(), "no option with a variable");
+    options
+}
+
+/// `idemproxy --help` shows every option of the reference on its flag, with
+/// its value's name, its variable and its default.
+#[test]
+fn help_shows_every_option_with_its_variable_and_default() {
     let out = run_bounded(idemproxy_command().arg("--help"));
     assert!(out.status.success(), "--help failed: {out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    // An option's block starts at a line whose first word is a flag; joining
-    // the block's lines undoes any wrapping of `[env: ..]` and `[default: ..]`.
-    let mut blocks: Vec<String> = Vec::new();
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with("--") || trimmed.starts_with("-h,") || trimmed.starts_with("-V,") {
-            blocks.push(trimmed.to_owned());
-        } else if let Some(block) = blocks.last_mut() {
-            block.push(' ');
-            block.push_str(line.trim());
+    // One line: wrapping may split `[env: ..]` and `[default: ..]`.
+    let text = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut missing = Vec::new();
+    for (var, option) in help_options() {
+        let mut shown = vec![
+            format!("{} <{}>", option.flag, option.value_name),
+            format!("[env: {var}=]"),
+        ];
+        match option.default.as_deref() {
+            // clap quotes an empty default, or one with spaces.
+            Some(d) if d.is_empty() || d.contains(' ') => shown.push(format!("[default: {d:?}]")),
+            Some(d) => shown.push(format!("[default: {d}]")),
+            None => {}
         }
+        missing.extend(shown.into_iter().filter(|s| !text.contains(s.as_str())));
     }
-    let mut options = BTreeMap::new();
-    for block in blocks {
-        let Some(env_start) = block.find("[env: ") else {
-            continue;
-        };
-        let var = block[env_start + 6..]
-            .split(['=', ']'])
-            .next()
-            .unwrap()
-            .to_owned();
-        let mut words = block.split_whitespace();
-        let flag = words.next().unwrap().to_owned();
-        let value_name = words
-            .next()
-            .unwrap_or_default()
-            .trim_matches(['<', '>'])
-            .to_owned();
-        let default = block.find("[default: ").map(|i| {
-            let rest = &block[i + 10..];
-            rest[..rest.find(']').unwrap()].to_owned()
-        });
-        options.insert(
-            var,
-            HelpOption {
-                flag,
-                value_name,
-                default,
-            },
-        );
-    }
-    assert!(!options.is_empty(), "no [env: ..] found in --help:\n{text}");
-    options
+    assert!(
+        missing.is_empty(),
+        "--help does not show {missing:?}:\n{text}"
+    );
 }
 
 /// Every option in `--help` has a line in [`BAD_VALUES`], so that the
@@ -494,6 +496,37 @@ fn admin_token_file_is_checked_and_never_shown() {
         !stdout.contains(TOKEN),
         "--check-config shows the token:\n{stdout}"
     );
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// A misspelt `IDEMPROXY_*` variable, which would otherwise change nothing,
+/// exits 2 with one line naming it and the option it is probably a typo of,
+/// never its value, under `--check-config` and at start-up; a name near no
+/// option is named alone.
+#[test]
+fn unknown_variables_exit_2_naming_the_closest_option() {
+    let mut failures = Vec::new();
+    for check_config in [true, false] {
+        for (var, line) in [
+            (
+                "IDEMPROXY_HEARTBEAT_INTERVALL",
+                "idemproxy: unknown variable IDEMPROXY_HEARTBEAT_INTERVALL; did you mean IDEMPROXY_HEARTBEAT_INTERVAL?",
+            ),
+            (
+                "IDEMPROXY_NO_SUCH_THING",
+                "idemproxy: unknown variable IDEMPROXY_NO_SUCH_THING: no option has this name (idemproxy --env-reference lists them)",
+            ),
+        ] {
+            let out = run_with(&[(var, "zq9-value")], check_config);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.code() != Some(2) || stderr.lines().collect::<Vec<_>>() != [line] {
+                failures.push(format!(
+                    "{var} (check-config: {check_config}): exit {:?}, stderr: {stderr:?}",
+                    out.status.code()
+                ));
+            }
+        }
+    }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 

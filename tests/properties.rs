@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use clap::Parser as _;
 use http::{HeaderMap, HeaderValue, Uri, Version, header};
 use idemproxy::config::{Args, Config, Upstream};
 use idemproxy::proxy::conformance::check_head;
@@ -296,9 +295,9 @@ proptest! {
         tail in text(),
     ) {
         let option = format!("{name}: Bearer {secret}{tail}");
-        let Ok(args) = Args::try_parse_from([
+        let Ok(args) = Args::try_parse_from_strings([
             "idemproxy", "--upstream", "http://127.0.0.1:1", "--heartbeat-set-headers", &option,
-        ]) else {
+        ], &std::collections::HashMap::new()) else {
             return Ok(());
         };
         if let Err(e) = Config::from_args(&args) {

@@ -17,6 +17,7 @@
 //! ```
 #![allow(dead_code, unused_imports)] // each test binary uses its own subset
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -722,7 +722,9 @@ pub fn unused_addr() -> SocketAddr {
 // ---------------------------------------------------------------------------
 
 /// Builds a [`Config`] as the binary would from
-/// `idemproxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 EXTRA...`.
+/// `idemproxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 EXTRA...`,
+/// with no variables: the process environment (a developer's `IDEMPROXY_*`)
+/// is never read.
 pub fn config(upstream: &str, extra: &[&str]) -> Config {
     let mut argv = vec![
         "idemproxy",
@@ -734,7 +736,8 @@ pub fn config(upstream: &str, extra: &[&str]) -> Config {
         "127.0.0.1:0",
     ];
     argv.extend_from_slice(extra);
-    let args = Args::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let args = Args::try_parse_from_strings(&argv, &HashMap::new())
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     Config::from_args(&args).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }
 
