@@ -696,14 +696,7 @@ mod tests {
         calls: Arc<AtomicU32>,
         status: StatusCode,
         content_type: &'static str,
-    ) -> impl Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = ProxyError,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static {
+    ) -> impl HttpService {
         service_fn(move |_req: Request<Body>| {
             let calls = calls.clone();
             async move {
@@ -741,6 +734,19 @@ mod tests {
         )
     }
 
+    /// The cache over an upstream that answers `201 answer <n>` (JSON),
+    /// with the upstream's call count and the cache's metrics.
+    fn created(config: CacheConfig) -> (impl HttpService, Arc<AtomicU32>, CacheMetrics) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (layer, metrics) = cache_layer(config);
+        let svc = layer.layer(upstream(
+            calls.clone(),
+            StatusCode::CREATED,
+            "application/json",
+        ));
+        (svc, calls, metrics)
+    }
+
     fn cache_layer(config: CacheConfig) -> (IdempotencyCacheLayer, CacheMetrics) {
         let metrics = CacheMetrics::default();
         (IdempotencyCacheLayer::new(config, metrics.clone()), metrics)
@@ -749,13 +755,7 @@ mod tests {
     /// Ten concurrent requests with one key and body cause one upstream request and get the same answer.
     #[tokio::test]
     async fn concurrent_duplicates_coalesce_onto_one_upstream_request() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, metrics) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, metrics) = created(CacheConfig::default());
         let answers =
             futures_util::future::join_all((0..10).map(|_| send(&svc, request("k1", "{\"a\":1}"))))
                 .await;
@@ -795,13 +795,7 @@ mod tests {
     /// The same key with a different body gets 422 and nothing goes upstream.
     #[tokio::test]
     async fn a_reused_key_with_another_body_gets_422() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, metrics) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, metrics) = created(CacheConfig::default());
         send(&svc, request("k3", "{\"a\":1}")).await;
         let (status, headers, body) = send(&svc, request("k3", "{\"a\":2}")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -881,13 +875,7 @@ mod tests {
     /// and the same key with another body is no 422 across clients.
     #[tokio::test]
     async fn keys_are_scoped_to_the_client_credentials() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, metrics) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, metrics) = created(CacheConfig::default());
         let alice = [("authorization", "Bearer alice")];
         let bob = [("authorization", "Bearer bob")];
         let (_, _, a) = send(&svc, request_as("k", "{}", &alice)).await;
@@ -917,19 +905,15 @@ mod tests {
             (a, "true")
         );
         assert_eq!(metrics.get("mismatch"), 1);
+        // Alice, bob, anonymous, the cookie client and carol went upstream.
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
     }
 
     /// Ten concurrent requests with one key but ten credentials are not
     /// coalesced: ten upstream requests, ten answers.
     #[tokio::test]
     async fn concurrent_requests_of_different_clients_are_not_coalesced() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, _) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, _) = created(CacheConfig::default());
         let tokens: Vec<String> = (0..10).map(|i| format!("Bearer t{i}")).collect();
         let answers = futures_util::future::join_all(tokens.iter().map(|t| {
             let mut req = request("shared", "{}");
@@ -969,13 +953,7 @@ mod tests {
     /// one of 255 bytes is cached.
     #[tokio::test]
     async fn overlong_keys_are_refused() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, metrics) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, metrics) = created(CacheConfig::default());
         let (status, headers, body) = send(&svc, request(&"k".repeat(256), "{}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(headers[header::CONTENT_TYPE], "application/json");
@@ -1027,13 +1005,7 @@ mod tests {
     /// A request without a client key passes straight through.
     #[tokio::test]
     async fn requests_without_a_client_key_pass_through() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let (layer, metrics) = cache_layer(CacheConfig::default());
-        let svc = layer.layer(upstream(
-            calls.clone(),
-            StatusCode::CREATED,
-            "application/json",
-        ));
+        let (svc, calls, metrics) = created(CacheConfig::default());
         for _ in 0..2 {
             send(&svc, Request::post("/x").body(body::full("{}")).unwrap()).await;
         }
