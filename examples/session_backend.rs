@@ -574,15 +574,7 @@ impl Backend {
         let Some(session) = st.live(sid, Instant::now()) else {
             return invalid_session(sid);
         };
-        // Entries are validated JSON, so splicing their bytes yields valid JSON.
-        let mut out = b"{\"entries\":[".to_vec();
-        for (i, entry) in session.entries.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(entry);
-        }
-        out.extend_from_slice(b"]}");
+        let out = json_array(b"{\"entries\":".to_vec(), &session.entries);
         raw_resp(StatusCode::OK, JSON, out.into())
     }
 
@@ -631,15 +623,8 @@ impl Backend {
         let Some(session) = st.live(sid, Instant::now()) else {
             return invalid_session(sid);
         };
-        // Action bodies are validated JSON, so splicing their bytes yields valid JSON.
-        let mut out = format!("{{\"runs\":{},\"actions\":[", session.actions.len()).into_bytes();
-        for (i, action) in session.actions.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(action);
-        }
-        out.extend_from_slice(b"]}");
+        let head = format!("{{\"runs\":{},\"actions\":", session.actions.len());
+        let out = json_array(head.into_bytes(), &session.actions);
         raw_resp(StatusCode::OK, JSON, out.into())
     }
 
@@ -684,6 +669,20 @@ async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `head`, then `items` as a JSON array, then `}`. The items are validated
+/// JSON documents, so splicing their bytes yields valid JSON.
+fn json_array<T: AsRef<[u8]>>(mut head: Vec<u8>, items: &[T]) -> Vec<u8> {
+    head.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            head.push(b',');
+        }
+        head.extend_from_slice(item.as_ref());
+    }
+    head.extend_from_slice(b"]}");
+    head
 }
 
 fn raw_resp(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Resp {
