@@ -25,7 +25,6 @@
 //! ```
 
 use http::header::{self, HeaderMap};
-use http::uri::Authority;
 use http::{Response, StatusCode, Version};
 
 use crate::body::Body;
@@ -110,23 +109,49 @@ fn check_host(version: Version, headers: &HeaderMap) -> Result<(), HeadProblem> 
     }
 }
 
-/// `uri-host [ ":" port ]`: an authority without user information, whose
-/// port (if any) is a number up to 65535.
+/// `uri-host [ ":" port ]` (RFC 3986 §3.2.2): a bracketed IPv6 literal or a
+/// reg-name / IPv4 address (never user information), then an optional port
+/// up to 65535. Checked in place: this runs on every request, so it
+/// allocates nothing.
 fn is_host_and_port(value: &[u8]) -> bool {
-    if value.contains(&b'@') {
-        return false;
-    }
-    let Ok(authority) = Authority::try_from(value) else {
-        return false;
+    let (host, port) = if value.first() == Some(&b'[') {
+        match value.iter().position(|&b| b == b']') {
+            Some(end) => value.split_at(end + 1),
+            None => return false,
+        }
+    } else {
+        match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => value.split_at(colon),
+            None => (value, &[][..]),
+        }
     };
-    let text = authority.as_str();
-    match text.get(authority.host().len()..) {
-        Some("") => true,
-        Some(port) => port
-            .strip_prefix(':')
-            .is_some_and(|p| p.is_empty() || p.parse::<u16>().is_ok()),
-        None => false,
-    }
+    let host_ok = match host {
+        [b'[', inside @ .., b']'] => {
+            !inside.is_empty()
+                && inside
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        }
+        _ => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b))
+        }
+    };
+    let port_ok = match port {
+        [] | [b':'] => true,
+        [b':', digits @ ..] => {
+            digits.len() <= 5
+                && digits.iter().all(u8::is_ascii_digit)
+                && digits
+                    .iter()
+                    .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                    <= 65535
+        }
+        _ => false,
+    };
+    host_ok && port_ok
 }
 
 fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), HeadProblem> {
