@@ -19,7 +19,7 @@ bin=${1:-target/release/idemproxy}
 kind=${2:-get}
 n=${3:-4000}
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install valgrind" >&2; exit 2; }
-[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || { echo "nginx is missing: run benches/loadbench.sh once" >&2; exit 2; }
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || { echo "nginx is missing: run tools/loadbench.sh once" >&2; exit 2; }
 
 work=$(mktemp -d)
 pids=()

@@ -3,16 +3,21 @@
 # HAProxy, each a retrying reverse proxy with one worker, in front of the same
 # upstream, driven by wrk at the same settings. See benches/README.md.
 #
-#   benches/loadbench.sh                          # full run, ~8 minutes
-#   DURATION=3 ROUNDS=1 WAIT_QUIET=0 benches/loadbench.sh   # smoke run, ~2 minutes
+#   tools/loadbench.sh                          # full run, ~8 minutes
+#   DURATION=3 ROUNDS=1 WAIT_QUIET=0 tools/loadbench.sh   # smoke run, ~2 minutes
+#   tools/loadbench.sh --help                     # the settings; installs and runs nothing
 #
 # Installs wrk, nginx and HAProxy with apt when missing (idempotent: nothing
 # is installed twice, and no service is started by the install), builds the
-# release binary, then runs benches/loadbench.py, which writes
+# release binary, then runs tools/loadbench.py, which writes
 # benches/results/latest.md and latest.json. Everything runs on 127.0.0.1 and
 # every process started is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+    -h | --help) exec python3 tools/loadbench.py --help ;;
+esac
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
@@ -49,4 +54,4 @@ cleanup() {
     rm -f "$pidfile"
 }
 trap cleanup EXIT
-LOADBENCH_PIDFILE="$pidfile" python3 benches/loadbench.py "$@"
+LOADBENCH_PIDFILE="$pidfile" python3 tools/loadbench.py "$@"
