@@ -358,9 +358,14 @@ def cmd_docker_context() -> int:
                     if not (ctx / src).exists():
                         fail(f"Dockerfile: COPY {src}: not in the build context")
         # Files cargo needs that `cargo fetch` does not open: the lock file and the
-        # explicit target paths of Cargo.toml ([lib], [[bin]], ...).
-        needed = ["Cargo.toml", "Cargo.lock"] + re.findall(r'^path\s*=\s*"([^"]+)"',
-                                                           (ROOT / "Cargo.toml").read_text(), re.M)
+        # explicit target paths of Cargo.toml ([lib], [[bin]], ...). Also the
+        # manifests of the workspace members (testkit/), named here because cargo
+        # loads them for any command, `cargo build --bin idemproxy` too.
+        manifest = (ROOT / "Cargo.toml").read_text()
+        members = re.search(r'^members\s*=\s*\[([^\]]*)\]', manifest, re.M)
+        needed = (["Cargo.toml", "Cargo.lock"]
+                  + re.findall(r'^path\s*=\s*"([^"]+)"', manifest, re.M)
+                  + [f"{m}/Cargo.toml" for m in re.findall(r'"([^"]+)"', members[1] if members else "")])
         for rel in needed:
             if not (ctx / rel).exists():
                 fail(f"Dockerfile.dockerignore leaves {rel} out of the build context")

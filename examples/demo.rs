@@ -9,7 +9,7 @@
 //! ```
 //!
 //! It shows three failures of an unchanged client, each run directly and then through idemproxy,
-//! each run on a fresh backend (the example session backend, `examples/session_backend.rs`, in
+//! each run on a fresh backend (the example session backend, `testkit/src/backend.rs`, in
 //! this process):
 //!
 //! - **Part 1, lost writes**: an append workload against a backend with injected faults on
@@ -47,9 +47,6 @@
 //! itself could not run. The backend logs every injected fault on stderr; add `2>/dev/null` to
 //! see only the report.
 
-#[path = "session_backend.rs"]
-mod session_backend;
-
 use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Display};
 use std::process::ExitCode;
@@ -64,12 +61,11 @@ use idemproxy::retry::RetryConfig;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::{Value, json};
+use testkit::backend::{Backend, Options as BackendOptions, Stats, parse_duration};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
-
-use session_backend::{Backend, Options as BackendOptions, Stats, parse_duration};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -4,10 +4,8 @@
 //! `idemproxy` binary (its own allocator, its own process) by a bounded
 //! amount.
 
-mod support;
-
 use futures_util::StreamExt;
-use support::*;
+use testkit::*;
 
 /// VmRSS of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> f64 {

@@ -4,17 +4,12 @@
 //! exactly once and show the client nothing but success, within the retry
 //! budget.
 
-#[path = "../examples/session_backend.rs"]
-#[allow(dead_code, missing_docs)]
-mod session_backend;
-mod support;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use session_backend::{Backend, Options};
-use support::*;
+use testkit::backend::{Backend, Options};
+use testkit::*;
 use tokio::net::TcpListener;
 
 /// Appends sent by the client.
@@ -27,17 +22,6 @@ const BUDGET_RATIO: f64 = 0.2;
 const BUDGET_MIN_PER_SEC: f64 = 100.0;
 /// The budget's window (`RetryBudget::WINDOW`).
 const BUDGET_WINDOW_SECS: f64 = 10.0;
-
-/// Sum of every sample of `name` (all label sets) in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
 
 /// 1,000 appends, 32 at a time, through a backend that answers 20% of
 /// writes 503, stores then drops 10% and resets 5%: every entry is stored

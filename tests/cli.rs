@@ -1,12 +1,10 @@
 //! Process-level tests of the `idemproxy` binary: configuration errors,
 //! `--check-config`, `--help`, and draining on SIGTERM.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use support::*;
+use testkit::*;
 
 /// (variable, bad value, other variables set with it).
 type BadValue = (

@@ -14,15 +14,12 @@
 //! Run with `tools/test` (installs etcd); plain `cargo test` skips these
 //! loudly when etcd is missing.
 
-mod real_servers;
-mod support;
-
 use std::time::{Duration, Instant};
 
-use real_servers::fault_proxy::{FaultPlan, FaultProxy};
-use real_servers::{Etcd, admin_sessions, base64, metric_sum, post_json};
 use serde_json::{Value, json};
-use support::{TestProxy, within};
+use testkit::fault_proxy::{FaultPlan, FaultProxy};
+use testkit::real_servers::{self, Etcd, base64, post_json};
+use testkit::{TestProxy, admin_sessions, metric_sum, within};
 
 /// Lease TTL, seconds.
 const TTL: i64 = 5;
@@ -207,7 +204,7 @@ async fn revoke_through_the_proxy_stops_keepalives() {
     assert_eq!(s.heartbeats().await, counted, "heartbeats after the revoke");
     let sessions = admin_sessions(&s.proxy).await;
     assert!(sessions.is_empty(), "still tracked: {sessions:?}");
-    let ended = support::metric_value(
+    let ended = testkit::metric_value(
         &s.proxy.metrics().await,
         r#"idemproxy_sessions_ended_total{reason="client_end"}"#,
     );

@@ -2,13 +2,11 @@
 //! itself (DESIGN.md, "Client-supplied keys"): through a real proxy in front
 //! of a real upstream on `127.0.0.1:0`.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::*;
+use testkit::*;
 
 /// An upstream that answers every request `201 stored <n>` after `delay`,
 /// counting them.

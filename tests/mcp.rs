@@ -1,4 +1,4 @@
-//! idemproxy in front of a real MCP server: `tests/real_servers/mcp_server.py`,
+//! idemproxy in front of a real MCP server: `testkit/mcp_server.py`,
 //! the official Python SDK's `StreamableHTTPSessionManager` (Streamable
 //! HTTP, stateful sessions) under uvicorn, started by the test on its own
 //! 127.0.0.1 port and killed by PID at the end.
@@ -17,16 +17,13 @@
 //! Run with `tools/test` (installs the SDK in a venv); plain `cargo test`
 //! skips these loudly when the venv is missing.
 
-mod real_servers;
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use real_servers::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
-use real_servers::{McpServer, admin_sessions, metric_sum, parse_lenient};
 use serde_json::{Value, json};
-use support::{TestProxy, client, within};
+use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
+use testkit::real_servers::{McpServer, parse_lenient};
+use testkit::{TestProxy, admin_sessions, client, metric_sum, within};
 
 /// The SDK's `session_idle_timeout`.
 const IDLE: Duration = Duration::from_millis(2500);
@@ -329,7 +326,7 @@ async fn delete_through_the_proxy_stops_the_pings() {
     assert_eq!(s.heartbeats().await, counted, "heartbeats after the DELETE");
     let sessions = admin_sessions(&s.proxy).await;
     assert!(sessions.is_empty(), "still tracked: {sessions:?}");
-    let ended = support::metric_value(
+    let ended = testkit::metric_value(
         &s.proxy.metrics().await,
         r#"idemproxy_sessions_ended_total{reason="client_end"}"#,
     );

@@ -3,15 +3,13 @@
 //! the admin endpoints. Each test starts its own upstream and proxy on
 //! `127.0.0.1:0`.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Version};
 use http_body_util::BodyExt;
-use support::*;
+use testkit::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};

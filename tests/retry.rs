@@ -3,8 +3,6 @@
 //! proxy on `127.0.0.1:0`, with short backoffs so that it runs in well under
 //! a second unless it measures a wait on purpose.
 
-mod support;
-
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +13,7 @@ use http::Response;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use sha2::{Digest, Sha256};
-use support::*;
+use testkit::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 

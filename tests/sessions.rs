@@ -3,12 +3,6 @@
 //! example session backend). The proxy runs on the real clock, so intervals
 //! are short (100-500 ms) and every wait is bounded.
 
-mod support;
-
-#[path = "../examples/session_backend.rs"]
-#[allow(dead_code, missing_docs)]
-mod session_backend;
-
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,13 +13,15 @@ use http::{HeaderMap, Method, Request, Response, header};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::{Value, json};
-use support::{TestProxy, Upstream, client, eventually, metric_value, response, within};
+use testkit::backend as session_backend;
+use testkit::{Recorded, TestProxy, Upstream, client, eventually, metric_value, response, within};
 
 // ---------------------------------------------------------------------------
 // A scripted upstream that records every request with its arrival time
 // ---------------------------------------------------------------------------
 
-/// One request as the upstream saw it.
+/// One request as the upstream saw it: the kit's [`Recorded`], in the terms
+/// of these tests.
 #[derive(Clone, Debug)]
 struct Hit {
     at: Instant,
@@ -34,6 +30,22 @@ struct Hit {
     target: String,
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl From<Recorded> for Hit {
+    fn from(r: Recorded) -> Hit {
+        Hit {
+            at: r.at.into_std(),
+            method: r.method,
+            target: r
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            headers: r.headers,
+            body: r.body.expect("a buffered upstream records the body"),
+        }
+    }
 }
 
 impl Hit {
@@ -65,11 +77,11 @@ impl Hit {
 /// What the upstream answers, possibly after a delay (a long poll).
 struct Reply {
     delay: Duration,
-    response: Response<support::Body>,
+    response: Response<testkit::Body>,
 }
 
-impl From<Response<support::Body>> for Reply {
-    fn from(response: Response<support::Body>) -> Self {
+impl From<Response<testkit::Body>> for Reply {
+    fn from(response: Response<testkit::Body>) -> Self {
         Reply {
             delay: Duration::ZERO,
             response,
@@ -93,7 +105,7 @@ fn status(code: u16) -> Reply {
 }
 
 /// A body of `chunks` chunks, one every `every`: a response that streams.
-fn slow_body(chunks: usize, every: Duration) -> support::Body {
+fn slow_body(chunks: usize, every: Duration) -> testkit::Body {
     let stream = futures_util::stream::unfold(0, move |i| async move {
         if i == chunks {
             return None;
@@ -107,65 +119,51 @@ fn slow_body(chunks: usize, every: Duration) -> support::Body {
     idemproxy::body::boxed(StreamBody::new(stream))
 }
 
-/// The recording upstream: `script` decides each answer.
+/// The recording upstream (the kit's buffered [`Upstream`], which records
+/// each request before `script` decides its answer).
 struct Backend {
     upstream: Upstream,
-    hits: Arc<Mutex<Vec<Hit>>>,
 }
 
 impl Backend {
     async fn start(script: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Backend {
-        let hits = Arc::new(Mutex::new(Vec::new()));
-        let log = hits.clone();
-        let script = Arc::new(script);
         let upstream = Upstream::buffered(move |req: Request<Bytes>| {
-            let (parts, body) = req.into_parts();
-            let hit = Hit {
-                at: Instant::now(),
-                method: parts.method,
-                target: parts
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_owned(),
-                headers: parts.headers,
-                body,
-            };
-            let reply = script(&hit);
-            log.lock().unwrap().push(hit);
+            let reply = script(&Hit::from(Recorded::from(&req)));
             async move {
                 tokio::time::sleep(reply.delay).await;
                 reply.response
             }
         })
         .await;
-        Backend { upstream, hits }
+        Backend { upstream }
     }
 
     fn url(&self) -> String {
         self.upstream.url()
     }
 
+    /// Every request so far, in arrival order.
+    fn hits(&self) -> Vec<Hit> {
+        self.upstream
+            .requests
+            .all()
+            .into_iter()
+            .map(Hit::from)
+            .collect()
+    }
+
     /// The requests matching `method` and `target`, in arrival order.
     fn hits_to(&self, method: &str, target: &str) -> Vec<Hit> {
-        self.hits
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.is(method, target))
-            .cloned()
-            .collect()
+        let mut hits = self.hits();
+        hits.retain(|h| h.is(method, target));
+        hits
     }
 
     /// Requests whose path ends in `/heartbeat`.
     fn heartbeats(&self) -> Vec<Hit> {
-        self.hits
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.is_heartbeat())
-            .cloned()
-            .collect()
+        let mut hits = self.hits();
+        hits.retain(|h| h.is_heartbeat());
+        hits
     }
 
     /// Waits (bounded) until `count()` reaches `n`.
@@ -1101,7 +1099,7 @@ async fn session_with_a_request_in_flight_is_never_evicted() {
         }
     });
     eventually("the poll to reach the upstream", || {
-        backend.hits.lock().unwrap().len() >= 2
+        backend.upstream.requests.len() >= 2
     })
     .await;
     call(&proxy, "GET", "/v1/x", &[("x-session-id", "newcomer")]).await;
@@ -1275,7 +1273,7 @@ async fn admin_delete_on_the_public_listener_is_refused() {
 #[tokio::test]
 async fn admin_token_allows_delete_on_the_public_listener() {
     const TOKEN: &str = "tok-5f0c2a9e41d7b8366e1f0a2c";
-    let dir = support::TempDir::new();
+    let dir = testkit::TempDir::new();
     let file = dir.write("admin-token", format!("  {TOKEN}\n"));
     let backend = Backend::start(|_| status(200)).await;
     let proxy = proxy(

@@ -1,13 +1,11 @@
 //! Integration tests of TLS to the upstream: a CA generated per test
 //! (`--upstream-ca-file`), a wrong CA, mTLS, and HTTP/2 negotiated by ALPN.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{Method, Version};
-use support::*;
+use testkit::*;
 
 /// An HTTPS upstream offering `alpn`, answering `200 secure <path>`; with
 /// `client_ca`, it requires a client certificate issued by that CA.

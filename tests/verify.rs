@@ -3,8 +3,6 @@
 //! drop the connection after storing, so the retried write meets a `409`.
 //! Each test starts its own upstream and proxy on `127.0.0.1:0`.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
-use support::*;
+use testkit::*;
 
 /// Flags that make retries fast: 1 ms backoff base, 5 ms max.
 const FAST: [&str; 4] = ["--backoff-base", "1ms", "--backoff-max", "5ms"];

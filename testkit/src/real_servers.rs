@@ -1,7 +1,7 @@
 //! Real servers that nobody on the team wrote (etcd, the official MCP Python
 //! SDK), started by the tests on their own 127.0.0.1 ports and stopped by PID
 //! when their guard drops, plus a fault-injecting TCP proxy
-//! ([`fault_proxy::FaultProxy`]) to put between idemproxy and them.
+//! ([`FaultProxy`](crate::fault_proxy::FaultProxy)) to put between idemproxy and them.
 //!
 //! `tools/test` installs the servers (Debian's `etcd-server`, a venv at
 //! `target/real-servers/venv` with the MCP SDK) and runs the tests with
@@ -12,16 +12,16 @@
 //! Overrides: `TEST_ETCD_BIN` (path of the etcd binary),
 //! `TEST_MCP_PYTHON` (a python that can `import mcp, uvicorn`).
 //!
-//! ```ignore
-//! mod support;
-//! mod real_servers;
+//! ```no_run
+//! use testkit::TestProxy;
+//! use testkit::real_servers::Etcd;
 //!
-//! let Some(etcd) = real_servers::Etcd::start().await else { return };
-//! let proxy = support::TestProxy::start(&etcd.url(), &[]).await;
+//! # async fn example() {
+//! let Some(etcd) = Etcd::start().await else { return };
+//! let proxy = TestProxy::start(&etcd.url(), &[]).await;
+//! # drop(proxy);
+//! # }
 //! ```
-#![allow(dead_code)] // each test binary uses its own subset
-
-pub mod fault_proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{TempDir, client, within};
+use crate::{TempDir, client, within};
 
 /// How long a server may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -66,9 +66,17 @@ fn missing<T>(what: &str, why: &str) -> Option<T> {
     None
 }
 
-/// The repository root (where `Cargo.toml` is).
+/// The test kit's directory (`testkit/`, where `mcp_server.py` is).
+fn kit_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The repository root (the workspace's `Cargo.toml`, and `target/`).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    kit_dir()
+        .parent()
+        .expect("testkit/ is a directory of the repository")
+        .to_path_buf()
 }
 
 /// A unique name for this process and call (`prefix-PID-N`).
@@ -404,12 +412,12 @@ pub fn mcp_python() -> Result<PathBuf, String> {
         .clone()
 }
 
-/// The MCP server script next to this file.
+/// The MCP server script, `testkit/mcp_server.py`.
 pub fn mcp_server_script() -> PathBuf {
-    repo_root().join("tests/real_servers/mcp_server.py")
+    kit_dir().join("mcp_server.py")
 }
 
-/// `tests/real_servers/mcp_server.py` (the official SDK's
+/// `testkit/mcp_server.py` (the official SDK's
 /// `StreamableHTTPSessionManager` under uvicorn) on its own port, killed
 /// when dropped.
 pub struct McpServer {
@@ -528,45 +536,8 @@ impl McpServer {
 }
 
 // ---------------------------------------------------------------------------
-// The proxy's admin port, and small encoders
+// Small encoders
 // ---------------------------------------------------------------------------
-
-/// The `sessions` array of the proxy's `GET /sessions` (admin port).
-pub async fn admin_sessions(proxy: &crate::support::TestProxy) -> Vec<Value> {
-    let url = proxy.admin_url("/sessions");
-    let resp = within("GET /sessions", client().get(&url).send())
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    assert_eq!(resp.status(), 200, "GET /sessions");
-    let text = within("/sessions body", resp.text())
-        .await
-        .expect("/sessions body");
-    let doc: Value = serde_json::from_str(&text).expect("/sessions is JSON");
-    doc["sessions"]
-        .as_array()
-        .expect("a sessions array")
-        .clone()
-}
-
-/// The sum of every sample of metric `name` (all label sets) in Prometheus
-/// text; 0 when absent.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let rest = match rest.strip_prefix('{') {
-                Some(labels) => &labels[labels.find('}')? + 1..],
-                None => rest,
-            };
-            rest.strip_prefix(' ')?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .sum()
-}
 
 /// Standard base64 with padding (etcd's JSON gateway carries keys and values so).
 pub fn base64(bytes: &[u8]) -> String {

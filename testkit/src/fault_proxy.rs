@@ -16,14 +16,20 @@
 //! body larger than [`MAX_INSPECT`]) is relayed as is for the rest of that
 //! connection, without faults.
 //!
-//! ```ignore
-//! let faults = FaultProxy::start(&upstream_url, FaultPlan {
+//! ```no_run
+//! use testkit::TestProxy;
+//! use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
+//!
+//! # async fn example(upstream_url: &str) {
+//! let faults = FaultProxy::start(upstream_url, FaultPlan {
 //!     matches: Box::new(|req| req.contains("\"tools/call\"")),
 //!     pick: Pick::Chance { probability: 0.2, seed: 7 },
 //!     drop_after: DropAfter::Contains(b"\"result\"".to_vec()),
 //! }).await;
-//! let proxy = TestProxy::start(&faults.url(), &[...]).await;
+//! let proxy = TestProxy::start(&faults.url(), &[]).await;
 //! // ... faults.dropped() lists what the client never got an answer to.
+//! # drop(proxy);
+//! # }
 //! ```
 
 use std::net::SocketAddr;
@@ -134,7 +140,7 @@ pub struct Dropped {
     pub request: FramedRequest,
     /// What the upstream had answered when the connection was closed.
     pub answer_prefix: Bytes,
-    /// Whether the upstream answered at all before [`ANSWER_TIMEOUT`].
+    /// Whether the upstream answered at all within 10 s (`ANSWER_TIMEOUT`).
     pub answered: bool,
 }
 
