@@ -493,7 +493,7 @@ fn proxy_config_with(
 /// Starts idemproxy in this process with `config`.
 async fn start_proxy(demo: &Demo, config: Config) -> Result<idemproxy::app::Running, BoxError> {
     if demo.log.is_some() {
-        idemproxy::telemetry::init(config.log.as_deref(), config.log_format);
+        idemproxy::telemetry::init(config.process.log.as_deref(), config.process.log_format);
     }
     Ok(idemproxy::app::start(config).await?)
 }

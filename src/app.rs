@@ -18,9 +18,9 @@ use crate::classify::{ClassifyConfig, ClassifyLayer};
 use crate::config::Config;
 use crate::idempotency::{CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer};
 use crate::metrics::ProxyMetrics;
-use crate::proxy::{EdgeOptions, Proxy, Stack};
+use crate::proxy::{Proxy, Stack};
 use crate::retry::{RetryLayer, RetryMetrics};
-use crate::server::{self, ServerLimits};
+use crate::server;
 use crate::sessions::{SessionLayer, SessionMetrics, SessionTracker};
 use crate::upstream::{ClientBuildError, UpstreamService};
 use crate::verify::{VerifyConfig, VerifyLayer, VerifyMetrics};
@@ -91,76 +91,70 @@ pub fn build_stack(
     let retry = RetryLayer::new(config.retry.clone(), RetryMetrics::new(registry));
     let classify = ClassifyLayer::new(ClassifyConfig {
         table: config.routes.clone(),
-        session_sources: Arc::new(config.session_sources.clone()),
-        keys: Some(config.keys.clone()),
+        session_sources: Arc::new(config.sessions.layer.sources.clone()),
+        keys: Some(config.idempotency.keys.clone()),
         max_body: config.retry.max_replay_body,
-        body_for_client_keys: config.idempotency_cache.is_some(),
+        body_for_client_keys: config.idempotency.cache.is_some(),
     });
     let verify = VerifyLayer::new(
         VerifyConfig {
-            upstream: config.upstream.clone(),
-            request_timeout: config.request_timeout,
+            upstream: config.upstream.target.clone(),
+            request_timeout: config.upstream.request_timeout,
             max_body: config.retry.max_replay_body.max(64 * 1024),
-            key_header: config.keys.header.clone(),
+            key_header: config.idempotency.keys.header.clone(),
         },
         VerifyMetrics::new(registry),
     );
-    let sessions = sessions.map(|t| SessionLayer::new(t.clone(), config.session_layer.clone()));
+    let sessions = sessions.map(|t| SessionLayer::new(t.clone(), config.sessions.layer.clone()));
     let cache = config
-        .idempotency_cache
+        .idempotency
+        .cache
         .clone()
         .map(|c| IdempotencyCacheLayer::new(c, CacheMetrics::new(registry)));
     let stack = ServiceBuilder::new()
         .layer(classify)
         .option_layer(sessions)
         .option_layer(cache)
-        .layer(IdempotencyKeyLayer::new(config.keys.clone()))
+        .layer(IdempotencyKeyLayer::new(config.idempotency.keys.clone()))
         .layer(verify)
         .layer(retry)
         .service(upstream);
     Stack::new(stack)
 }
 
-/// Whether any session source is configured (globally or on a route).
-fn sessions_enabled(config: &Config) -> bool {
-    !config.session_sources.is_empty() || config.routes.iter().any(|r| !r.session.is_empty())
-}
-
 /// Binds the listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
-    let upstream = UpstreamService::new(&config)?;
-    let tracker = sessions_enabled(&config).then(|| {
+    let upstream = UpstreamService::new(&config.upstream)?;
+    let tracker = config.sessions.enabled(&config.routes).then(|| {
         let metrics = SessionMetrics::new(&mut registry);
-        SessionTracker::new(config.sessions.clone(), metrics)
+        SessionTracker::new(config.sessions.tracker.clone(), metrics)
     });
     if tracker.is_some() {
-        let per_sec_needed =
-            config.sessions.max_sessions as f64 / config.sessions.interval.as_secs_f64();
-        if per_sec_needed > f64::from(config.sessions.max_per_sec) {
+        let t = &config.sessions.tracker;
+        let per_sec_needed = t.max_sessions as f64 / t.interval.as_secs_f64();
+        if per_sec_needed > f64::from(t.max_per_sec) {
             warn!(
-                max_sessions = config.sessions.max_sessions,
-                interval = ?config.sessions.interval,
-                max_per_sec = config.sessions.max_per_sec,
+                max_sessions = t.max_sessions,
+                interval = ?t.interval,
+                max_per_sec = t.max_per_sec,
                 "IDEMPROXY_HEARTBEAT_MAX_PER_SEC is below IDEMPROXY_MAX_SESSIONS / IDEMPROXY_HEARTBEAT_INTERVAL: with that many sessions, heartbeats fall behind the interval"
             );
         }
     }
     let stack = build_stack(&config, upstream.clone(), tracker.as_ref(), &mut registry);
+    let server_config = &config.server;
     let proxy = Proxy::new(
         stack,
-        config.upstream.clone(),
-        EdgeOptions {
-            preserve_host: config.preserve_host,
-            forwarded_headers: config.forwarded_headers,
-        },
+        config.upstream.target.clone(),
+        server_config.edge.clone(),
         metrics,
     );
-    let listener = server::bind(config.listen).await?;
-    let admin_listener = server::bind(config.admin_listen).await?;
+    let listener = server::bind(server_config.listen).await?;
+    let admin_listener = server::bind(server_config.admin_listen).await?;
     // Loopback only (checked in `config`): the one admin listener that serves changes.
-    let control_listener = match config.admin_control.listen {
+    let control_listener = match server_config.admin_control.listen {
         Some(addr) => Some(server::bind(addr).await?),
         None => None,
     };
@@ -177,22 +171,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tracker.clone(),
         ControlConfig {
             listen: control_addr,
-            token: config.admin_control.token.clone(),
+            token: server_config.admin_control.token.clone(),
         },
     );
     let shutdown = CancellationToken::new();
-    let limits = ServerLimits {
-        max_header_size: config.max_header_size,
-        header_read_timeout: config.header_read_timeout,
-        max_connections: config.max_connections,
-        drain_timeout: config.drain_timeout,
-    };
+    let limits = server_config.limits.clone();
     info!(
         listen = %listen_addr,
         admin = %admin_addr,
         admin_control = control_addr.map(|a| a.to_string()),
-        admin_token = config.admin_control.token.is_some(),
-        upstream = %config.upstream,
+        admin_token = server_config.admin_control.token.is_some(),
+        upstream = %config.upstream.target,
         "idemproxy started"
     );
     let token = shutdown.clone();

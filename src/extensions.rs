@@ -11,6 +11,8 @@
 //! | [`SessionSourceLabel`] | classify, next to [`SessionId`] | sessions |
 //! | [`BufferedBody`] | classify, when a later step reads the body | sessions, idempotency cache and key, verify |
 //! | [`IdempotencyKey`] | idempotency key | verify (logs, and left off the verification read) |
+//! | [`Deadline`] | verify or retry, whichever is outermost for the request ([`Deadline::of`]) | retry, verify |
+//! | [`Attempts`] (response) | retry, when it made more than one; verify carries the write's own onto a recovered answer | the edge, which turns it into `x-idemproxy-attempts` |
 //!
 //! [`BufferedBody`] lives with the read-ahead that makes it
 //! (`crate::buffered`) and is named here so that this table is whole.
@@ -19,7 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue, Request};
+use tokio::time::Instant;
 
 pub use crate::buffered::BufferedBody;
 use crate::routes::{Captures, Route, RouteTable};
@@ -80,3 +83,44 @@ pub struct IdempotencyKey {
     /// Whether the client sent it (`false`: idemproxy made it).
     pub from_client: bool,
 }
+
+/// The request's overall deadline to response headers: the route's
+/// `timeout=` ([`RequestPolicy::timeout`]) or the global
+/// `IDEMPROXY_REQUEST_TIMEOUT`, counted from when the outermost layer that
+/// needs it first saw the request. That layer inserts it, so that every
+/// layer below keeps the same instant (a verification read shares the
+/// write's deadline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    /// The time allowed, for error messages (`timed out after …`).
+    pub limit: Duration,
+    /// When it passes; `None` when it cannot be represented (never, in practice).
+    pub at: Option<Instant>,
+}
+
+impl Deadline {
+    /// The request's deadline: the one an outer layer set, else one
+    /// starting now from the route's `timeout=` or `default`.
+    pub fn of<B>(req: &Request<B>, default: Duration) -> Deadline {
+        if let Some(d) = req.extensions().get::<Deadline>() {
+            return *d;
+        }
+        let limit = req
+            .extensions()
+            .get::<RequestPolicy>()
+            .and_then(|p| p.timeout)
+            .unwrap_or(default);
+        Deadline {
+            limit,
+            at: Instant::now().checked_add(limit),
+        }
+    }
+}
+
+/// The response header that shows [`Attempts`].
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-idemproxy-attempts");
+
+/// How many attempts an answer took, as a *response* extension, set only
+/// when more than one was made; the edge shows it as [`ATTEMPTS_HEADER`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempts(pub u32);

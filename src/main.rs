@@ -31,11 +31,11 @@ fn main() -> ExitCode {
     }
     // One worker: a current-thread runtime runs the client and upstream
     // connection tasks of a request on one thread without cross-thread wakeups.
-    let mut builder = if config.workers == 1 {
+    let mut builder = if config.process.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(config.workers);
+        b.worker_threads(config.process.workers);
         b
     };
     let runtime = match builder.enable_all().build() {
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    idemproxy::telemetry::init(config.log.as_deref(), config.log_format);
+    idemproxy::telemetry::init(config.process.log.as_deref(), config.process.log_format);
     runtime.block_on(async move {
         // Listened to before the listeners are bound: a SIGTERM that arrives
         // while they are (a pod deleted as it starts) is kept, and the proxy

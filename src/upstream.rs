@@ -21,7 +21,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::body::{self, Body};
-use crate::config::{Config, TlsConfig, Upstream};
+use crate::config::{TlsConfig, Upstream, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::service::ResponseFuture;
 
@@ -73,7 +73,7 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 impl UpstreamService {
     /// Builds the pooled client from the configuration.
-    pub fn new(config: &Config) -> Result<Self, ClientBuildError> {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, ClientBuildError> {
         let tls = tls_config(&config.tls)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -89,8 +89,8 @@ impl UpstreamService {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(config.upstream_idle_timeout)
-            .pool_max_idle_per_host(config.upstream_max_idle)
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_max_idle_per_host(config.max_idle)
             // hyper grows a connection's read buffer to ~400 KiB on a fast
             // download, and a buffer still shared with chunks in flight to the
             // client is reallocated rather than reused: a few downloads held
@@ -103,7 +103,7 @@ impl UpstreamService {
         Ok(Self {
             shared: Arc::new(Shared {
                 client,
-                upstream: config.upstream.clone(),
+                upstream: config.target.clone(),
                 connect_timeout: config.connect_timeout,
             }),
         })

@@ -37,9 +37,8 @@ use crate::body::{self, Body};
 use crate::buffered::BufferedBody;
 use crate::config::Upstream;
 use crate::error::ProxyError;
-use crate::extensions::{Classified, IdempotencyKey, RequestPolicy, SessionId};
+use crate::extensions::{Attempts, Classified, Deadline, IdempotencyKey, SessionId};
 use crate::request_id::X_REQUEST_ID;
-use crate::retry::ATTEMPTS_HEADER;
 use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
 use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
@@ -187,10 +186,8 @@ struct Original {
     body: Option<BufferedBody>,
     session: Option<SessionId>,
     key: Option<IdempotencyKey>,
-    /// `None`: too far to represent.
-    deadline: Option<Instant>,
-    /// The request's whole time limit, used when `deadline` is `None`.
-    timeout: Duration,
+    /// The write's deadline, which its verification read shares.
+    deadline: Deadline,
 }
 
 impl<S> Service<Request<Body>> for Verify<S>
@@ -207,12 +204,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let Some(original) = self.keep(&req) else {
             // Nothing to verify: the service poll_ready made ready takes the
             // request, with no clone of the layers below.
             return Either::Left(self.inner.call(req));
         };
+        // The retry layer below counts the write's deadline from here too.
+        req.extensions_mut().insert(original.deadline);
         let mut inner = take_ready(&mut self.inner);
         let config = self.config.clone();
         let metrics = self.metrics.clone();
@@ -223,13 +222,13 @@ where
                 return Ok(resp);
             }
             let location = resp.headers().get(header::LOCATION).cloned();
-            let attempts = resp.headers().get(&ATTEMPTS_HEADER).cloned();
+            let attempts = resp.extensions().get::<Attempts>().copied();
             match verify(&config, inner, &original, location).await {
                 Ok(mut recovered) => {
                     // The write's own attempts, as on any other answer.
                     match attempts {
-                        Some(n) => recovered.headers_mut().insert(ATTEMPTS_HEADER.clone(), n),
-                        None => recovered.headers_mut().remove(&ATTEMPTS_HEADER),
+                        Some(n) => recovered.extensions_mut().insert(n),
+                        None => recovered.extensions_mut().remove::<Attempts>(),
                     };
                     metrics.recovered.inc();
                     info!(
@@ -276,11 +275,6 @@ impl<S> Verify<S> {
     fn keep(&self, req: &Request<Body>) -> Option<Original> {
         let classified = req.extensions().get::<Classified>()?;
         let rule = classified.route()?.verify.clone()?;
-        let timeout = req
-            .extensions()
-            .get::<RequestPolicy>()
-            .and_then(|p| p.timeout)
-            .unwrap_or(self.config.request_timeout);
         Some(Original {
             rule,
             classified: classified.clone(),
@@ -289,10 +283,7 @@ impl<S> Verify<S> {
             body: req.extensions().get::<BufferedBody>().cloned(),
             session: req.extensions().get::<SessionId>().cloned(),
             key: req.extensions().get::<IdempotencyKey>().cloned(),
-            timeout,
-            // Durations are capped at parse time; a deadline that still
-            // could not be represented means none.
-            deadline: Instant::now().checked_add(timeout),
+            deadline: Deadline::of(req, self.config.request_timeout),
         })
     }
 }
@@ -324,9 +315,11 @@ where
         );
         return Err(PassReason::Undecidable);
     }
-    let remaining = match original.deadline {
-        Some(deadline) => deadline.checked_duration_since(Instant::now()),
-        None => Some(original.timeout),
+    let remaining = match original.deadline.at {
+        Some(at) => at.checked_duration_since(Instant::now()),
+        // Durations are capped at parse time; a deadline that still could
+        // not be represented means the whole limit.
+        None => Some(original.deadline.limit),
     }
     .filter(|d| !d.is_zero())
     .ok_or(PassReason::VerifyFailed)?;
@@ -348,10 +341,7 @@ where
             HeaderValue::from_static("identity"),
         );
     }
-    req.extensions_mut().insert(RequestPolicy {
-        timeout: Some(remaining),
-        ..Default::default()
-    });
+    req.extensions_mut().insert(original.deadline);
     let call = async move {
         // The inner service already served the original request: make it
         // ready again before this second call.

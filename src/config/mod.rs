@@ -20,7 +20,7 @@
 //! use idemproxy::config::{Args, Config};
 //! let args = Args::try_parse_from_strings(["idemproxy", "--upstream", "http://127.0.0.1:8080"], &HashMap::new()).unwrap();
 //! let config = Config::from_args(&args).unwrap();
-//! assert_eq!(config.upstream.authority.as_str(), "127.0.0.1:8080");
+//! assert_eq!(config.upstream.target.authority.as_str(), "127.0.0.1:8080");
 //! ```
 
 use std::fmt;
@@ -34,10 +34,12 @@ use http::uri::{Authority, Scheme};
 
 use crate::admin::{AdminToken, ControlConfig};
 use crate::idempotency::{CacheConfig, KeyConfig, KeyMode};
+use crate::proxy::EdgeOptions;
 use crate::retry::{RetryConfig, RetryOn};
 use crate::routes::{
     FieldPath, HeartbeatTemplate, RouteTable, SessionSource, SessionSourceKind, Template,
 };
+use crate::server::ServerLimits;
 use crate::sessions::{SessionConfig, SessionLayerConfig};
 
 mod args;
@@ -127,59 +129,96 @@ pub enum LogFormat {
     Text,
 }
 
-/// The validated configuration of one idemproxy process.
+/// The validated configuration of one idemproxy process, in one group per
+/// part of the proxy; the wiring ([`crate::app`]) hands each group to its
+/// part as it is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where requests go.
-    pub upstream: Upstream,
+    /// The listeners and the client connections' limits.
+    pub server: ServerConfig,
+    /// Where requests go, and how.
+    pub upstream: UpstreamConfig,
+    /// Retries (the deadline is [`UpstreamConfig::request_timeout`]).
+    pub retry: RetryConfig,
+    /// Idempotency keys and the cache for client-supplied ones.
+    pub idempotency: IdempotencyConfig,
+    /// The route table.
+    pub routes: Arc<RouteTable>,
+    /// Session tracking, heartbeats and how sessions are learned.
+    pub sessions: SessionsConfig,
+    /// The process: worker threads and logs.
+    pub process: ProcessConfig,
+}
+
+/// The listeners and the client connections' limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
     /// Traffic listener.
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// Who may change state: the loopback control listener and the token.
     pub admin_control: ControlConfig,
+    /// Limits applied to client connections.
+    pub limits: ServerLimits,
+    /// What the edge does to every request (Host, `X-Forwarded-*`).
+    pub edge: EdgeOptions,
+}
+
+/// The upstream and the pooled client's settings.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Where requests go.
+    pub target: Upstream,
     /// TCP connect timeout to the upstream.
     pub connect_timeout: Duration,
     /// Overall deadline to response headers.
     pub request_timeout: Duration,
     /// Idle timeout of pooled upstream connections.
-    pub upstream_idle_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Idle pooled connections kept.
-    pub upstream_max_idle: usize,
+    pub max_idle: usize,
     /// TLS to the upstream.
     pub tls: TlsConfig,
-    /// Keep the client's Host.
-    pub preserve_host: bool,
-    /// Add X-Forwarded-* headers.
-    pub forwarded_headers: bool,
-    /// Largest request head.
-    pub max_header_size: usize,
-    /// Deadline for a client's request head.
-    pub header_read_timeout: Duration,
-    /// Connection limit.
-    pub max_connections: usize,
-    /// Drain window on shutdown.
-    pub drain_timeout: Duration,
+}
+
+/// Idempotency keys.
+#[derive(Debug, Clone)]
+pub struct IdempotencyConfig {
+    /// Which requests get a key, under which header.
+    pub keys: KeyConfig,
+    /// The local cache for client-supplied keys (`None`: off).
+    pub cache: Option<CacheConfig>,
+}
+
+/// Sessions: the tracker with its heartbeat scheduler, and the layer that
+/// learns sessions from requests and answers.
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// Session tracking and the heartbeat scheduler.
+    pub tracker: SessionConfig,
+    /// How sessions are learned (its `sources` are tried on every request)
+    /// and heartbeats built.
+    pub layer: SessionLayerConfig,
+}
+
+impl SessionsConfig {
+    /// Whether any session source is configured, globally or on a route of
+    /// `routes`: only then are sessions tracked.
+    pub fn enabled(&self, routes: &RouteTable) -> bool {
+        !self.layer.sources.is_empty() || routes.iter().any(|r| !r.session.is_empty())
+    }
+}
+
+/// The process: runtime worker threads and logs.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
     /// Runtime worker threads (resolved: never 0).
     pub workers: usize,
     /// Log filter directive.
     pub log: Option<String>,
     /// Log format (resolved from `auto`).
     pub log_format: LogFormat,
-    /// Retries (the deadline is `request_timeout`).
-    pub retry: RetryConfig,
-    /// Idempotency keys.
-    pub keys: KeyConfig,
-    /// The local cache for client-supplied keys (`None`: off).
-    pub idempotency_cache: Option<CacheConfig>,
-    /// The route table.
-    pub routes: Arc<RouteTable>,
-    /// Session sources tried on every request.
-    pub session_sources: Vec<SessionSource>,
-    /// Session tracking and the heartbeat scheduler.
-    pub sessions: SessionConfig,
-    /// How sessions are learned and heartbeats built.
-    pub session_layer: SessionLayerConfig,
 }
 
 /// [`ADMIN_CONTROL_LISTEN`] and [`ADMIN_TOKEN_FILE`]; both off when empty.
@@ -292,7 +331,7 @@ fn unless_blank<K: Kind + Sync, T, E: fmt::Display>(
 
 fn session_config(
     c: &mut Checker<'_>,
-    sources: &[SessionSource],
+    sources: Vec<SessionSource>,
 ) -> (SessionConfig, SessionLayerConfig) {
     let heartbeat = unless_blank(c, &HEARTBEAT, |v| {
         HeartbeatTemplate::parse(v).map_err(|e| {
@@ -330,7 +369,7 @@ fn session_config(
         request_timeout,
     };
     let layer = SessionLayerConfig {
-        sources: sources.to_vec(),
+        sources,
         heartbeat,
         heartbeat_body,
         set_headers,
@@ -455,10 +494,13 @@ impl Config {
             }
         };
         let session_sources = c.parse(&SESSION_SOURCES, Vec::new(), SessionSource::parse_list);
-        let (sessions, session_layer) = session_config(&mut c, &session_sources);
+        let (tracker, layer) = session_config(&mut c, session_sources);
+        let sessions = SessionsConfig { tracker, layer };
         if let Some(cache) = &mut idempotency_cache {
             // A session's own header identifies its client as well.
-            let session_headers = session_sources
+            let session_headers = sessions
+                .layer
+                .sources
                 .iter()
                 .chain(routes.iter().flat_map(|r| r.session.iter()))
                 .filter_map(|s| match s.kind() {
@@ -471,9 +513,7 @@ impl Config {
                 }
             }
         }
-        let any_source =
-            !session_sources.is_empty() || routes.iter().any(|r| !r.session.is_empty());
-        if session_layer.heartbeat.is_some() && !any_source {
+        if sessions.layer.heartbeat.is_some() && !sessions.enabled(&routes) {
             c.issue(
                 &HEARTBEAT,
                 c.text(&HEARTBEAT).unwrap_or_default(),
@@ -490,35 +530,45 @@ impl Config {
             return Err(ConfigError(Vec::new()));
         };
         Ok(Config {
-            upstream,
-            listen,
-            admin_listen,
-            admin_control,
-            connect_timeout,
-            request_timeout,
-            upstream_idle_timeout,
-            upstream_max_idle,
-            tls: TlsConfig {
-                ca_file,
-                ca_only,
-                client_cert: cert.zip(key),
+            server: ServerConfig {
+                listen,
+                admin_listen,
+                admin_control,
+                limits: ServerLimits {
+                    max_header_size,
+                    header_read_timeout,
+                    max_connections,
+                    drain_timeout,
+                },
+                edge: EdgeOptions {
+                    preserve_host,
+                    forwarded_headers,
+                },
             },
-            preserve_host,
-            forwarded_headers,
-            max_header_size,
-            header_read_timeout,
-            max_connections,
-            drain_timeout,
-            workers,
-            log,
-            log_format,
+            upstream: UpstreamConfig {
+                target: upstream,
+                connect_timeout,
+                request_timeout,
+                idle_timeout: upstream_idle_timeout,
+                max_idle: upstream_max_idle,
+                tls: TlsConfig {
+                    ca_file,
+                    ca_only,
+                    client_cert: cert.zip(key),
+                },
+            },
             retry,
-            keys,
-            idempotency_cache,
+            idempotency: IdempotencyConfig {
+                keys,
+                cache: idempotency_cache,
+            },
             routes: Arc::new(routes),
-            session_sources,
             sessions,
-            session_layer,
+            process: ProcessConfig {
+                workers,
+                log,
+                log_format,
+            },
         })
     }
 }

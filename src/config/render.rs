@@ -19,54 +19,68 @@ impl Config {
                 .map_or(String::new(), |p| p.display().to_string())
         };
         let lines = [
-            (UPSTREAM.name, self.upstream.to_string()),
-            (LISTEN.name, self.listen.to_string()),
-            (ADMIN_LISTEN.name, self.admin_listen.to_string()),
+            (UPSTREAM.name, self.upstream.target.to_string()),
+            (LISTEN.name, self.server.listen.to_string()),
+            (ADMIN_LISTEN.name, self.server.admin_listen.to_string()),
             (
                 ADMIN_CONTROL_LISTEN.name,
-                self.admin_control
+                self.server
+                    .admin_control
                     .listen
                     .map_or(String::new(), |a| a.to_string()),
             ),
             (
                 // The path only: the token itself is never shown.
                 ADMIN_TOKEN_FILE.name,
-                self.admin_control
+                self.server
+                    .admin_control
                     .token
                     .as_ref()
                     .map_or(String::new(), |t| t.path().display().to_string()),
             ),
-            (CONNECT_TIMEOUT.name, fmt_d(self.connect_timeout)),
-            (REQUEST_TIMEOUT.name, fmt_d(self.request_timeout)),
+            (CONNECT_TIMEOUT.name, fmt_d(self.upstream.connect_timeout)),
+            (REQUEST_TIMEOUT.name, fmt_d(self.upstream.request_timeout)),
             (
                 UPSTREAM_IDLE_TIMEOUT.name,
-                fmt_d(self.upstream_idle_timeout),
+                fmt_d(self.upstream.idle_timeout),
             ),
-            (UPSTREAM_MAX_IDLE.name, self.upstream_max_idle.to_string()),
-            (UPSTREAM_CA_FILE.name, path(&self.tls.ca_file)),
-            (UPSTREAM_CA_ONLY.name, on(self.tls.ca_only).into()),
+            (UPSTREAM_MAX_IDLE.name, self.upstream.max_idle.to_string()),
+            (UPSTREAM_CA_FILE.name, path(&self.upstream.tls.ca_file)),
+            (UPSTREAM_CA_ONLY.name, on(self.upstream.tls.ca_only).into()),
             (
                 UPSTREAM_CLIENT_CERT.name,
-                path(&self.tls.client_cert.as_ref().map(|c| c.0.clone())),
+                path(&self.upstream.tls.client_cert.as_ref().map(|c| c.0.clone())),
             ),
             (
                 UPSTREAM_CLIENT_KEY.name,
-                path(&self.tls.client_cert.as_ref().map(|c| c.1.clone())),
+                path(&self.upstream.tls.client_cert.as_ref().map(|c| c.1.clone())),
             ),
-            (PRESERVE_HOST.name, on(self.preserve_host).into()),
-            (FORWARDED_HEADERS.name, on(self.forwarded_headers).into()),
+            (
+                PRESERVE_HOST.name,
+                on(self.server.edge.preserve_host).into(),
+            ),
+            (
+                FORWARDED_HEADERS.name,
+                on(self.server.edge.forwarded_headers).into(),
+            ),
             (
                 MAX_HEADER_SIZE.name,
-                units::format_size(self.max_header_size as u64),
+                units::format_size(self.server.limits.max_header_size as u64),
             ),
-            (HEADER_READ_TIMEOUT.name, fmt_d(self.header_read_timeout)),
-            (MAX_CONNECTIONS.name, self.max_connections.to_string()),
-            (DRAIN_TIMEOUT.name, fmt_d(self.drain_timeout)),
-            (WORKERS.name, self.workers.to_string()),
-            (LOG.name, self.log.clone().unwrap_or_default()),
+            (
+                HEADER_READ_TIMEOUT.name,
+                fmt_d(self.server.limits.header_read_timeout),
+            ),
+            (
+                MAX_CONNECTIONS.name,
+                self.server.limits.max_connections.to_string(),
+            ),
+            (DRAIN_TIMEOUT.name, fmt_d(self.server.limits.drain_timeout)),
+            (WORKERS.name, self.process.workers.to_string()),
+            (LOG.name, self.process.log.clone().unwrap_or_default()),
             (
                 LOG_FORMAT.name,
-                format!("{:?}", self.log_format).to_ascii_lowercase(),
+                format!("{:?}", self.process.log_format).to_ascii_lowercase(),
             ),
             (RETRY_ON.name, self.retry.retry_on.to_string()),
             (
@@ -108,65 +122,87 @@ impl Config {
                 MAX_REPLAY_MEMORY.name,
                 units::format_size(self.retry.max_replay_memory as u64),
             ),
-            (IDEMPOTENCY_HEADER.name, self.keys.header.to_string()),
-            (IDEMPOTENCY_METHODS.name, join(self.keys.methods.iter())),
+            (
+                IDEMPOTENCY_HEADER.name,
+                self.idempotency.keys.header.to_string(),
+            ),
+            (
+                IDEMPOTENCY_METHODS.name,
+                join(self.idempotency.keys.methods.iter()),
+            ),
             (
                 IDEMPOTENCY_KEY_MODE.name,
-                format!("{:?}", self.keys.mode).to_ascii_lowercase(),
+                format!("{:?}", self.idempotency.keys.mode).to_ascii_lowercase(),
             ),
             (
                 IDEMPOTENCY_TTL.name,
-                self.idempotency_cache
+                self.idempotency
+                    .cache
                     .as_ref()
                     .map_or("0".into(), |c| fmt_d(c.ttl)),
             ),
             (
                 IDEMPOTENCY_CACHE_ENTRIES.name,
-                self.idempotency_cache
+                self.idempotency
+                    .cache
                     .as_ref()
                     .map_or(String::new(), |c| c.max_entries.to_string()),
             ),
             (
                 IDEMPOTENCY_CACHE_BYTES.name,
-                self.idempotency_cache
+                self.idempotency
+                    .cache
                     .as_ref()
                     .map_or(String::new(), |c| units::format_size(c.max_bytes as u64)),
             ),
             (
                 IDEMPOTENCY_SCOPE_HEADERS.name,
-                self.idempotency_cache
+                self.idempotency
+                    .cache
                     .as_ref()
                     .map_or(String::new(), |c| join(c.scope_headers.iter())),
             ),
-            (SESSION_SOURCES.name, join(self.session_sources.iter())),
+            (
+                SESSION_SOURCES.name,
+                join(self.sessions.layer.sources.iter()),
+            ),
             (
                 HEARTBEAT.name,
-                self.session_layer
+                self.sessions
+                    .layer
                     .heartbeat
                     .as_ref()
                     .map_or(String::new(), |h| format!("{} {}", h.method, h.template)),
             ),
             (
                 HEARTBEAT_BODY.name,
-                self.session_layer
+                self.sessions
+                    .layer
                     .heartbeat_body
                     .as_ref()
                     .map_or(String::new(), |t| t.to_string()),
             ),
-            (HEARTBEAT_INTERVAL.name, fmt_d(self.sessions.interval)),
+            (
+                HEARTBEAT_INTERVAL.name,
+                fmt_d(self.sessions.tracker.interval),
+            ),
             (
                 REQUESTS_RENEW.name,
-                on(self.session_layer.requests_renew).into(),
+                on(self.sessions.layer.requests_renew).into(),
             ),
-            (SESSION_IDLE_TIMEOUT.name, fmt_d(self.sessions.idle_timeout)),
+            (
+                SESSION_IDLE_TIMEOUT.name,
+                fmt_d(self.sessions.tracker.idle_timeout),
+            ),
             (
                 HEARTBEAT_HEADERS.name,
-                join(self.session_layer.copy_headers.iter()),
+                join(self.sessions.layer.copy_headers.iter()),
             ),
             (
                 HEARTBEAT_SET_HEADERS.name,
                 // Values may be credentials: names only.
-                self.session_layer
+                self.sessions
+                    .layer
                     .set_headers
                     .iter()
                     .map(|(n, _)| format!("{n}: {REDACTED}"))
@@ -176,23 +212,30 @@ impl Config {
             (
                 HEARTBEAT_ALIVE_FIELD.name,
                 self.sessions
+                    .tracker
                     .alive_field
                     .as_ref()
                     .map_or(String::new(), |f| f.join(".")),
             ),
             (
                 HEARTBEAT_MAX_FAILURES.name,
-                self.sessions.max_failures.to_string(),
+                self.sessions.tracker.max_failures.to_string(),
             ),
             (
                 HEARTBEAT_MAX_PER_SEC.name,
-                self.sessions.max_per_sec.to_string(),
+                self.sessions.tracker.max_per_sec.to_string(),
             ),
-            (HEARTBEAT_TIMEOUT.name, fmt_d(self.sessions.request_timeout)),
-            (MAX_SESSIONS.name, self.sessions.max_sessions.to_string()),
+            (
+                HEARTBEAT_TIMEOUT.name,
+                fmt_d(self.sessions.tracker.request_timeout),
+            ),
+            (
+                MAX_SESSIONS.name,
+                self.sessions.tracker.max_sessions.to_string(),
+            ),
             (
                 MAX_SESSION_BYTES.name,
-                units::format_size(self.sessions.max_bytes as u64),
+                units::format_size(self.sessions.tracker.max_bytes as u64),
             ),
         ];
         let mut out = String::new();

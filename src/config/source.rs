@@ -9,7 +9,7 @@
 //! let env = HashMap::from([("IDEMPROXY_CONNECT_TIMEOUT".to_owned(), "5s".to_owned())]);
 //! let args = Args::try_parse_from_strings(["idemproxy", "--upstream", "http://127.0.0.1:8080"], &env).unwrap();
 //! let config = Config::from_args(&args).unwrap();
-//! assert_eq!(config.connect_timeout, std::time::Duration::from_secs(5));
+//! assert_eq!(config.upstream.connect_timeout, std::time::Duration::from_secs(5));
 //! ```
 
 use std::collections::{BTreeMap, HashMap};

@@ -79,9 +79,9 @@ fn unknown_variables_are_reported_with_the_closest_option() {
 #[test]
 fn defaults_validate() {
     let c = Config::from_args(&args(&[])).unwrap();
-    assert_eq!(c.request_timeout, Duration::from_secs(30));
-    assert_eq!(c.max_header_size, 64 * 1024);
-    assert!(c.workers >= 1);
+    assert_eq!(c.upstream.request_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.limits.max_header_size, 64 * 1024);
+    assert!(c.process.workers >= 1);
 }
 
 #[test]

@@ -13,7 +13,7 @@
 pub mod conformance;
 pub mod headers;
 
-use crate::extensions::RemoteAddr;
+use crate::extensions::{ATTEMPTS_HEADER, Attempts, RemoteAddr};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -175,6 +175,10 @@ impl Proxy {
                     Ok(mut resp) => {
                         // Answer in the client's protocol, whatever the upstream spoke.
                         *resp.version_mut() = version;
+                        if let Some(Attempts(n)) = resp.extensions().get::<Attempts>().copied() {
+                            resp.headers_mut()
+                                .insert(ATTEMPTS_HEADER, HeaderValue::from(n));
+                        }
                         finish_response(resp, client_upgrade)
                     }
                     Err(err) => {

@@ -36,7 +36,8 @@
 //!   the current answer goes back and `idemproxy_retry_budget_exhausted_total`
 //!   counts it;
 //! - answers with the last upstream response, adding
-//!   `x-idemproxy-attempts: N` when N > 1, or, when the last attempt had no
+//!   the [`Attempts`] response extension when N > 1 (the edge shows it as
+//!   `x-idemproxy-attempts: N`), or, when the last attempt had no
 //!   response, its error ([`ProxyError::Exhausted`] after several attempts).
 //!
 //! ```
@@ -74,13 +75,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderName, Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::body::{self, Body};
 use crate::error::ProxyError;
-use crate::extensions::RequestPolicy;
+use crate::extensions::{Attempts, Deadline, RequestPolicy};
 use crate::service::{HttpService, ResponseFuture, take_ready};
 
 use self::backoff::Backoff;
@@ -89,9 +90,6 @@ pub use self::metrics::RetryMetrics;
 pub use self::policy::{ParseRetryOnError, RetryClass, RetryOn};
 use self::policy::{error_class, retry_after, status_class, status_may_have_been_processed};
 use self::replay::{NotReplayable, Replay, ReplayBody, ReplayMemory};
-
-/// The response header telling how many attempts were sent, when more than one.
-pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-idemproxy-attempts");
 
 /// The request header whose value is logged as `request_id`.
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -281,10 +279,10 @@ where
 {
     let config = &shared.config;
     let policy = req.extensions().get::<RequestPolicy>();
-    let limit = policy
-        .and_then(|p| p.timeout)
-        .unwrap_or(config.request_timeout);
-    let deadline = Instant::now().checked_add(limit);
+    let Deadline {
+        limit,
+        at: deadline,
+    } = Deadline::of(&req, config.request_timeout);
     // A replay after the upstream may have processed the request must not be
     // able to run it twice (the README's replay rules).
     let replay_safe = config.retry_unsafe_requests
@@ -393,8 +391,7 @@ where
     match outcome {
         Ok(mut rsp) => {
             if attempts > 1 {
-                rsp.headers_mut()
-                    .insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+                rsp.extensions_mut().insert(Attempts(attempts));
             }
             Ok(rsp)
         }

@@ -220,10 +220,11 @@ fn unsafe_post(body: Body) -> Request<Body> {
         .unwrap()
 }
 
-fn attempts_header(rsp: &Response<Body>) -> Option<&str> {
-    rsp.headers()
-        .get(ATTEMPTS_HEADER)
-        .map(|v| v.to_str().unwrap())
+/// The attempts count that the edge shows as `x-idemproxy-attempts`.
+fn attempts_header(rsp: &Response<Body>) -> Option<String> {
+    rsp.extensions()
+        .get::<Attempts>()
+        .map(|Attempts(n)| n.to_string())
 }
 
 /// A chunked body fed through a channel: nothing about its length is known.
@@ -251,7 +252,7 @@ async fn retries_503_until_200_and_reports_attempts() {
     let h = Harness::new(fast(), up);
     let rsp = h.send(post(body::full("{}"))).await.unwrap();
     assert_eq!(rsp.status(), StatusCode::OK);
-    assert_eq!(attempts_header(&rsp), Some("3"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("3"));
     assert_eq!(
         rsp.into_body().collect().await.unwrap().to_bytes(),
         "status 200"
@@ -287,7 +288,7 @@ async fn each_reason_is_retried_and_counted() {
         let h = Harness::new(config, Upstream::new(&[step]));
         let rsp = h.send(post(body::full("x"))).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::OK, "{word}");
-        assert_eq!(attempts_header(&rsp), Some("2"), "{word}");
+        assert_eq!(attempts_header(&rsp).as_deref(), Some("2"), "{word}");
         let line = format!("idemproxy_retries_total{{reason=\"{word}\"}} 1");
         assert!(h.metrics().contains(&line), "{word}: {}", h.metrics());
     }
@@ -315,7 +316,7 @@ async fn small_body_is_identical_with_its_length_on_every_attempt() {
     let up = Upstream::new(&[Step::Status(503), Step::Reset, Step::Status(200)]);
     let h = Harness::new(fast(), up);
     let rsp = h.send(post(body::full(r#"{"uuid":"e1"}"#))).await.unwrap();
-    assert_eq!(attempts_header(&rsp), Some("3"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("3"));
     let seen = h.upstream.seen();
     assert_eq!(seen.len(), 3);
     for s in &seen {
@@ -349,7 +350,7 @@ async fn chunked_body_with_trailers_is_replayed_identically() {
     ];
     let h = Harness::new(fast(), Upstream::new(&[Step::Status(503), Step::Reset]));
     let rsp = h.send(post(stream_body(frames))).await.unwrap();
-    assert_eq!(attempts_header(&rsp), Some("3"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("3"));
     for s in h.upstream.seen() {
         assert_eq!(s.body, b"first,second,third");
         assert_eq!(s.trailers.as_ref(), Some(&trailers));
@@ -395,7 +396,7 @@ async fn one_mebibyte_body_is_replayed_identically() {
         .collect();
     let h = Harness::new(fast(), Upstream::new(&[Step::Status(503)]));
     let rsp = h.send(post(stream_body(frames))).await.unwrap();
-    assert_eq!(attempts_header(&rsp), Some("2"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("2"));
     let seen = h.upstream.seen();
     assert_eq!(seen.len(), 2);
     assert!(seen.iter().all(|s| s.body == payload));
@@ -444,7 +445,7 @@ async fn body_over_cap_is_retried_after_connect_failure() {
     );
     let rsp = h.send(post(body::full(vec![7u8; 4096]))).await.unwrap();
     assert_eq!(rsp.status(), StatusCode::OK);
-    assert_eq!(attempts_header(&rsp), Some("3"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("3"));
     let seen = h.upstream.seen();
     assert_eq!(seen[2].body, vec![7u8; 4096]);
     assert_eq!(seen[2].exact, Some(4096));
@@ -618,7 +619,7 @@ async fn exhausted_attempts_return_the_last_response() {
     );
     let rsp = h.send(post(body::empty())).await.unwrap();
     assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(attempts_header(&rsp), Some("3"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("3"));
     assert_eq!(rsp.headers()[header::RETRY_AFTER], "0");
     assert_eq!(
         rsp.into_body().collect().await.unwrap().to_bytes(),
@@ -688,7 +689,7 @@ async fn full_replay_memory_makes_new_requests_stream_without_retry() {
 async fn request_without_id_is_retried() {
     let h = Harness::new(fast(), Upstream::new(&[Step::Status(500)]));
     let rsp = h.send(Request::new(body::empty())).await.unwrap();
-    assert_eq!(attempts_header(&rsp), Some("2"));
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("2"));
 }
 
 /// Every retry class × idempotent or not × each opt-in: how many times the
