@@ -33,7 +33,7 @@ use idemproxy::idempotency::{
 };
 use idemproxy::proxy::headers::{add_forwarded, strip_hop_by_hop};
 use idemproxy::retry::replay::{ReplayBody, ReplayMemory};
-use idemproxy::routes::RouteTable;
+use idemproxy::routes::{RouteRequest, RouteTable};
 use tower::{Layer, Service};
 
 /// A route table like a real deployment's: the DESIGN example plus a few more,
@@ -96,24 +96,30 @@ fn route_matching(c: &mut Criterion) {
     g.bench_function("classify/last_of_8", |b| {
         b.iter(|| {
             table
-                .route_match(
+                .route_match(&RouteRequest::new(
                     black_box(&Method::POST),
                     black_box("/v1/sessions/bench-1/entries"),
-                )
+                ))
                 .map(|m| m.index)
         })
     });
     g.bench_function("classify/first_of_8", |b| {
         b.iter(|| {
             table
-                .route_match(black_box(&Method::PUT), black_box("/db/doc-42"))
+                .route_match(&RouteRequest::new(
+                    black_box(&Method::PUT),
+                    black_box("/db/doc-42"),
+                ))
                 .map(|m| m.index)
         })
     });
     g.bench_function("classify/miss", |b| {
         b.iter(|| {
             table
-                .route_match(black_box(&Method::GET), black_box("/healthz/other/path"))
+                .route_match(&RouteRequest::new(
+                    black_box(&Method::GET),
+                    black_box("/healthz/other/path"),
+                ))
                 .map(|m| m.index)
         })
     });
@@ -121,10 +127,10 @@ fn route_matching(c: &mut Criterion) {
     g.bench_function("classify/empty_table", |b| {
         b.iter(|| {
             empty
-                .route_match(
+                .route_match(&RouteRequest::new(
                     black_box(&Method::GET),
                     black_box("/v1/sessions/bench-1/state"),
-                )
+                ))
                 .is_some()
         })
     });

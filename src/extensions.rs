@@ -6,10 +6,10 @@
 //! |---|---|---|
 //! | [`RemoteAddr`] | the server, per connection | the edge (`X-Forwarded-For`) |
 //! | [`Classified`] | classify (the matched route and its captures) | sessions, verify |
-//! | [`RequestPolicy`] | classify (the route's decisions) | idempotency key, verify, retry |
+//! | [`RequestPolicy`] | classify (the route's decisions) | idempotency key, verify, retry (the replay rule) |
 //! | [`SessionId`] | classify (the first request source that found one) | sessions, idempotency key (fingerprints), verify |
 //! | [`SessionSourceLabel`] | classify, next to [`SessionId`] | sessions |
-//! | [`BufferedBody`] | classify, when a later step reads the body | sessions, idempotency cache and key, verify |
+//! | [`BufferedBody`] | classify, when a later step or a route's `if-json=` condition reads the body | sessions, idempotency cache and key, verify |
 //! | [`IdempotencyKey`] | idempotency key | verify (logs, and left off the verification read) |
 //! | [`Deadline`] | verify or retry, whichever is outermost for the request ([`Deadline::of`]) | retry, verify |
 //! | [`Attempts`] (response) | retry, when it made more than one; verify carries the write's own onto a recovered answer | the edge, which turns it into `x-idemproxy-attempts` |
@@ -58,10 +58,14 @@ pub struct RequestPolicy {
     /// `Some(true)`/`Some(false)` when the route says `idempotency-key=on|off`
     /// (`honoured` is `Some(true)`).
     pub idempotency_key: Option<bool>,
-    /// The route makes a replay after sending safe whatever the method: it
-    /// says `idempotency-key=honoured`, or it has a `verify=` rule (a replay
-    /// that meets the stored write gets a 409, which is verified).
-    pub replay_after_send: bool,
+    /// The route's word on a replay after the upstream may have processed
+    /// the request. `Some(true)`: safe whatever the method (`replay=safe`,
+    /// `idempotency-key=honoured`, or a `verify=` rule: a replay that meets
+    /// the stored write gets a 409, which is verified). `Some(false)`
+    /// (`replay=unsafe`): never, even for an idempotent method or with
+    /// `IDEMPROXY_RETRY_UNSAFE_REQUESTS`. `None`: the method and the global
+    /// opt-in decide.
+    pub replay_after_send: Option<bool>,
 }
 
 /// The session a request belongs to, when a session source found one.

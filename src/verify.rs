@@ -39,7 +39,9 @@ use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::extensions::{Attempts, Classified, Deadline, IdempotencyKey, SessionId};
 use crate::request_id::X_REQUEST_ID;
-use crate::routes::{MatchMode, RenderContext, VerifyRule, VerifyTarget, json_subset};
+use crate::routes::{
+    MatchMode, RecoveredBody, RenderContext, VerifyRule, VerifyTarget, json_subset,
+};
 use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
 
 /// `x-idemproxy-recovered`, set on a recovered answer.
@@ -333,9 +335,11 @@ where
             headers.append(name.clone(), value.clone());
         }
     }
-    if sent.is_some() {
-        // The stored representation is compared here, not passed on: ask for
-        // it unencoded, whatever encodings the client itself accepts.
+    // The stored representation is compared, or the answer built from it,
+    // here, not passed on as it is.
+    let read_stored = sent.is_some() || original.rule.recovered_body.reads_stored();
+    if read_stored {
+        // Ask for it unencoded, whatever encodings the client itself accepts.
         headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -364,10 +368,11 @@ where
         _ => return Err(PassReason::VerifyFailed),
     }
     let (mut parts, stored) = resp.into_parts();
-    let body = match sent {
+    let mut stored_bytes = None;
+    let body = match read_stored {
         // `exists`: the 2xx is the proof; the stored representation streams through.
-        None => stored,
-        Some(sent) => {
+        false => stored,
+        true => {
             if parts
                 .headers
                 .get(header::CONTENT_ENCODING)
@@ -382,21 +387,79 @@ where
             let bytes = read_capped(stored, config.max_body)
                 .await
                 .ok_or(PassReason::Undecidable)?;
-            let same = match original.rule.match_mode {
-                MatchMode::Exact => bytes == *sent.bytes(),
-                _ => {
+            let same = match (original.rule.match_mode, sent) {
+                (_, None) | (MatchMode::Exists, _) => true,
+                (MatchMode::Exact, Some(sent)) => bytes == *sent.bytes(),
+                (MatchMode::JsonSubset, Some(sent)) => {
                     let stored_doc: serde_json::Value =
                         serde_json::from_slice(&bytes).map_err(|_| PassReason::Mismatch)?;
-                    sent.json().is_some_and(|doc| json_subset(doc, &stored_doc))
+                    sent.json().is_some_and(|doc| match doc {
+                        serde_json::Value::Object(fields)
+                            if !original.rule.match_ignore.is_empty() =>
+                        {
+                            // The left-out fields of `match-ignore=` are not compared.
+                            fields
+                                .iter()
+                                .filter(|(name, _)| !original.rule.ignores(name))
+                                .all(|(name, value)| {
+                                    stored_doc
+                                        .get(name)
+                                        .is_some_and(|stored| json_subset(value, stored))
+                                })
+                                && stored_doc.is_object()
+                        }
+                        _ => json_subset(doc, &stored_doc),
+                    })
                 }
             };
             if !same {
                 return Err(PassReason::Mismatch);
             }
+            stored_bytes = Some(bytes.clone());
             body::full(bytes)
         }
     };
     parts.status = original.rule.recovered_status;
+    let body = match &original.rule.recovered_body {
+        RecoveredBody::Stored => body,
+        RecoveredBody::Empty => {
+            parts.headers.remove(header::CONTENT_TYPE);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            body::empty()
+        }
+        RecoveredBody::Template(template) => {
+            let doc = match &stored_bytes {
+                Some(bytes) => Some(
+                    serde_json::from_slice::<serde_json::Value>(bytes)
+                        .map_err(|_| PassReason::Undecidable)?,
+                ),
+                None => None,
+            };
+            let ctx = RenderContext::new(&original.classified.captures, &original.headers)
+                .with_body(original.body.as_ref().and_then(BufferedBody::json))
+                .with_query(original.uri.query())
+                .with_session(original.session.as_ref().map(|s| &*s.0))
+                .with_stored(doc.as_ref());
+            let text = template.render_json_string(&ctx).map_err(|e| {
+                warn!(
+                    route = original.classified.route().map_or(0, |r| r.line_number),
+                    error = %e,
+                    "cannot build the recovered answer (recovered-body=); the 409 is passed through"
+                );
+                PassReason::Undecidable
+            })?;
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+            // A body made here, never encoded.
+            parts.headers.remove(header::CONTENT_ENCODING);
+            body::full(text)
+        }
+    };
     let body = if matches!(
         parts.status,
         StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT

@@ -64,6 +64,8 @@ const BAD_VALUES: &[BadValue] = &[
     ("IDEMPROXY_RETRY_UNSAFE_REQUESTS", "sometimes", &[]),
     ("IDEMPROXY_MAX_REPLAY_BODY", "big", &[]),
     ("IDEMPROXY_MAX_REPLAY_MEMORY", "big", &[]),
+    ("IDEMPROXY_PROFILE", "cosmos", &[]),
+    ("IDEMPROXY_PROFILE", "mcp,etcd", &[]),
     ("IDEMPROXY_ROUTES", "FETCH", &[]),
     ("IDEMPROXY_IDEMPOTENCY_HEADER", "bad header", &[]),
     ("IDEMPROXY_IDEMPOTENCY_METHODS", "NOT A METHOD", &[]),

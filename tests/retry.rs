@@ -699,3 +699,89 @@ async fn retry_off_route_is_not_retried() {
     assert_eq!(attempts(&resp), Some("3"));
     assert_eq!(upstream.requests.len(), 4);
 }
+
+/// Route conditions choose the route, and so its options, on one path: a
+/// request with an `x-no-retry` header is on a `retry=off` route (even its
+/// 503 passes through); a JSON-RPC `ping` (read from the body) is on a
+/// `replay=safe` route, so its 502 is replayed although it is a POST; any
+/// other call, or a body that is not JSON, gets the default rule (a POST's
+/// 502 is not replayed, and the refusal is counted). The body reaches the
+/// upstream unchanged.
+#[tokio::test]
+async fn route_conditions_choose_the_route_options() {
+    // The first attempt of each request (by request id) gets the status the
+    // client asked for in `x-first-status`; a replay gets 200.
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let upstream = Upstream::scripted(move |req, _n| {
+        let header = |name: &str| req.headers()[name].to_str().unwrap().to_owned();
+        let first = seen.lock().unwrap().insert(header("x-request-id"));
+        let status: u16 = if first {
+            header("x-first-status").parse().unwrap()
+        } else {
+            200
+        };
+        async move { Act::Reply(response(status, format!("status {status}"))) }
+    })
+    .await;
+    let proxy = TestProxy::start(
+        &upstream.url(),
+        &args(&[
+            "--routes",
+            "POST /mcp if-header=x-no-retry retry=off\n\
+             POST /mcp if-json=method=ping replay=safe\n",
+        ]),
+    )
+    .await;
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x"}}"#;
+    let send = |id: &'static str, first_status: &'static str, body: &'static str, no_retry| {
+        let mut req = client()
+            .post(proxy.url("/mcp"))
+            .header("x-request-id", id)
+            .header("x-first-status", first_status)
+            .header("content-type", "application/json")
+            .body(body);
+        if no_retry {
+            req = req.header("x-no-retry", "1");
+        }
+        req.send()
+    };
+
+    let resp = send("r1", "502", ping, false).await.unwrap();
+    assert_eq!(resp.status(), 200, "a ping is replayed after a 502");
+    assert_eq!(attempts(&resp), Some("2"));
+
+    let resp = send("r2", "502", call, false).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "a tools/call is not replayed after a 502"
+    );
+    assert_eq!(attempts(&resp), None);
+
+    let resp = send("r3", "502", "method=ping", false).await.unwrap();
+    assert_eq!(resp.status(), 502, "a body that is not JSON has no method");
+
+    let resp = send("r4", "503", ping, true).await.unwrap();
+    assert_eq!(resp.status(), 503, "the x-no-retry route says retry=off");
+    assert_eq!(attempts(&resp), None);
+
+    let resp = send("r5", "503", call, false).await.unwrap();
+    assert_eq!(resp.status(), 200, "without the header, a 503 is retried");
+    assert_eq!(attempts(&resp), Some("2"));
+
+    let bodies: Vec<_> = upstream
+        .requests
+        .all()
+        .into_iter()
+        .map(|r| r.body.unwrap_or_default())
+        .collect();
+    let expected = [ping, ping, call, "method=ping", ping, call, call];
+    assert_eq!(bodies, expected.map(|b| Bytes::from_static(b.as_bytes())));
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "idemproxy_retries_refused_total{reason=\"5xx\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+}

@@ -2,7 +2,7 @@
 //! variables ([`Strings`]), before validation. The clap command is built
 //! from the declarations of [`options`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 
 use clap::parser::ValueSource;
@@ -22,6 +22,8 @@ const ENV_REFERENCE: &str = "env-reference";
 pub struct Args {
     /// By variable.
     values: BTreeMap<&'static str, String>,
+    /// The variables given (by flag or variable), not left at their default.
+    given: BTreeSet<&'static str>,
     /// `--check-config`: print the effective configuration (secrets redacted) and exit.
     pub check_config: bool,
     /// `--env-reference`: print the Markdown reference of every variable and flag and exit.
@@ -32,6 +34,18 @@ pub struct Args {
 }
 
 impl Args {
+    /// Whether `option` was given (by flag or variable), rather than left
+    /// at its default.
+    pub fn is_given(&self, option: &dyn Describe) -> bool {
+        self.given.contains(option.name())
+    }
+
+    /// Sets `option` as if it had been given (a profile's expansion).
+    pub(super) fn set(&mut self, option: &dyn Describe, value: String) {
+        self.values.insert(option.name(), value);
+        self.given.insert(option.name());
+    }
+
     /// The text of `option` (given, or its default); `None` when unset.
     pub fn get(&self, option: &dyn Describe) -> Option<&str> {
         self.values.get(option.name()).map(String::as_str)
@@ -97,6 +111,11 @@ impl Args {
             values: options::ALL
                 .iter()
                 .filter_map(|o| Some((o.name(), text(&matches, o.name())?.clone())))
+                .collect(),
+            given: options::ALL
+                .iter()
+                .filter(|o| matches.value_source(o.name()) == Some(ValueSource::CommandLine))
+                .map(|o| o.name())
                 .collect(),
             check_config: flag(&matches, CHECK_CONFIG),
             env_reference: flag(&matches, ENV_REFERENCE),

@@ -106,6 +106,16 @@ impl<'a> Checker<'a> {
         Checker { args, issues }
     }
 
+    /// Records issues found before the options are read.
+    pub(crate) fn extend(&mut self, issues: Vec<ConfigIssue>) {
+        self.issues.extend(issues);
+    }
+
+    /// Whether `opt` was given, rather than left at its default.
+    pub(crate) fn given<K: Kind + Sync>(&self, opt: &Opt<K>) -> bool {
+        self.args.is_given(opt)
+    }
+
     /// The text of `opt` (given, or its default); `None` when unset.
     pub(crate) fn text<K: Kind + Sync>(&self, opt: &Opt<K>) -> Option<&'a str> {
         self.args.get(opt)

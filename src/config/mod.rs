@@ -8,6 +8,7 @@
 //! | [`source`] | [`Strings`]: the process environment for the binary, a map in tests |
 //! | `checker` | validation by the declarations, every issue collected ([`ConfigError`]) |
 //! | `parse` | the small parsers and the redaction of secrets |
+//! | [`profiles`] | `IDEMPROXY_PROFILE`: backend profiles, expanded into routes and options before validation |
 //! | `render` | `--check-config` ([`Config::render`]) |
 //! | [`reference`](mod@reference) | `--env-reference`: the READMEs' table, from clap's introspection |
 //!
@@ -46,6 +47,7 @@ mod args;
 mod checker;
 pub mod options;
 mod parse;
+pub mod profiles;
 pub mod reference;
 mod render;
 pub mod source;
@@ -142,8 +144,11 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Idempotency keys and the cache for client-supplied ones.
     pub idempotency: IdempotencyConfig,
-    /// The route table.
+    /// The route table, the profiles' routes included (after the user's own).
     pub routes: Arc<RouteTable>,
+    /// The backend profiles that were expanded into routes and options
+    /// ([`profiles`]), by name.
+    pub profiles: Vec<&'static str>,
     /// Session tracking, heartbeats and how sessions are learned.
     pub sessions: SessionsConfig,
     /// The process: worker threads and logs.
@@ -339,8 +344,16 @@ fn session_config(
         })
     });
     let heartbeat_body = unless_blank(c, &HEARTBEAT_BODY, |v| {
-        Template::parse_json(v)
-            .map_err(|e| format!("a JSON body template such as {{\"ID\":\"{{session}}\"}} ({e})"))
+        let expected = "a JSON body template such as {\"ID\":\"{session}\"}";
+        match Template::parse_json(v) {
+            Ok(t) => match t.stored_placeholder() {
+                Some(p) => Err(format!(
+                    "{expected} ({p} is only for a route's recovered-body=)"
+                )),
+                None => Ok(t),
+            },
+            Err(e) => Err(format!("{expected} ({e})")),
+        }
     });
     let interval = c.get(&HEARTBEAT_INTERVAL);
     let idle_timeout = c.get(&SESSION_IDLE_TIMEOUT);
@@ -375,6 +388,7 @@ fn session_config(
         set_headers,
         copy_headers,
         requests_renew: c.get(&REQUESTS_RENEW),
+        interval_set: c.given(&HEARTBEAT_INTERVAL),
         max_response_body: 64 * 1024,
     };
     (sessions, layer)
@@ -384,7 +398,12 @@ impl Config {
     /// Validates every option, reporting all bad ones (and every unknown
     /// `IDEMPROXY_*` variable) together.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
-        let mut c = Checker::new(args);
+        let (args, profile_issues) = match profiles::expand(args) {
+            Ok(expanded) => (expanded, Vec::new()),
+            Err(issues) => (args.clone(), issues),
+        };
+        let mut c = Checker::new(&args);
+        c.extend(profile_issues);
         let upstream = match c.text(&UPSTREAM) {
             // A password in the URL is refused, and never echoed (the option's redaction).
             Some(_) => c.parse(&UPSTREAM, None, |v| parse_upstream(v).map(Some)),
@@ -563,6 +582,7 @@ impl Config {
                 cache: idempotency_cache,
             },
             routes: Arc::new(routes),
+            profiles: profiles::names_in(args.get(&PROFILE).unwrap_or_default()),
             sessions,
             process: ProcessConfig {
                 workers,

@@ -358,6 +358,8 @@ options! {
         "Total memory for replay copies; past it, new requests stream without retry";
 
     // --- Routes and idempotency ------------------------------------------------
+    PROFILE: Text { value: "NAMES" } = "",
+        "Backend profiles (comma list) that expand into routes and options: mcp, etcd, couchdb, azure-table, azure-blob-lease, session-api. Your own routes come first and your options win; --check-config shows the expansion";
     ROUTES: Text { value: "TABLE" } = "",
         "The route table: one `METHOD PATH-TEMPLATE [option=value ...]` per line (see README)";
     IDEMPOTENCY_HEADER: Text { value: "NAME" } = "Idempotency-Key",
@@ -389,7 +391,7 @@ options! {
     HEARTBEAT_HEADERS: Text { value: "NAMES" } = "authorization,cookie",
         "Headers of the session's latest request copied onto its heartbeats (plus its own session header)";
     HEARTBEAT_SET_HEADERS: Text { value: "HEADERS" } = "",
-        "Extra heartbeat headers from templates, `;`-separated: `x-lease-action: renew; x-lease-id: {session}`", redact HeaderValues;
+        "Extra heartbeat headers from templates, `;`-separated: `x-ms-lease-action: renew; x-ms-lease-id: {session}`", redact HeaderValues;
     HEARTBEAT_ALIVE_FIELD: Text { value: "FIELD" } = "",
         "JSON field a live heartbeat answer must contain (e.g. result.TTL); a 2xx without it means gone";
     HEARTBEAT_MAX_FAILURES: Count { min: 1, max: MAX_COUNT } = "3",

@@ -162,7 +162,7 @@ pub(super) fn redact_userinfo(url: &str) -> String {
 }
 
 pub(super) fn parse_set_headers(text: &str) -> Result<Vec<(HeaderName, Template)>, String> {
-    const EXPECTED: &str = "`name: template` pairs separated by `;` or newlines, e.g. x-lease-action: renew; x-lease-id: {session}";
+    const EXPECTED: &str = "`name: template` pairs separated by `;` or newlines, e.g. x-ms-lease-action: renew; x-ms-lease-id: {session}";
     text.split([';', '\n'])
         .map(str::trim)
         .filter(|t| !t.is_empty())
@@ -172,6 +172,11 @@ pub(super) fn parse_set_headers(text: &str) -> Result<Vec<(HeaderName, Template)
                 HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| EXPECTED.to_owned())?;
             let template =
                 Template::parse_header(value.trim()).map_err(|e| format!("{EXPECTED} ({e})"))?;
+            if let Some(p) = template.stored_placeholder() {
+                return Err(format!(
+                    "{EXPECTED} ({p} is only for a route's recovered-body=)"
+                ));
+            }
             Ok((name, template))
         })
         .collect()

@@ -20,6 +20,8 @@ impl Config {
         };
         let lines = [
             (UPSTREAM.name, self.upstream.target.to_string()),
+            // Expanded: their routes and options are in the lines below.
+            (PROFILE.name, self.profiles.join(",")),
             (LISTEN.name, self.server.listen.to_string()),
             (ADMIN_LISTEN.name, self.server.admin_listen.to_string()),
             (

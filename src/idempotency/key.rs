@@ -57,14 +57,35 @@ impl Default for KeyConfig {
 impl KeyConfig {
     /// Whether this request should carry a key (route option first, then methods).
     pub fn wants_key<B>(&self, req: &Request<B>) -> bool {
-        match req
+        let route = req
             .extensions()
             .get::<RequestPolicy>()
-            .and_then(|p| p.idempotency_key)
-        {
-            Some(on) => on,
-            None => self.methods.contains(req.method()),
-        }
+            .and_then(|p| p.idempotency_key);
+        self.wants_key_for(req.method(), route)
+    }
+
+    /// Whether a request with `method` on a route that says
+    /// `idempotency-key=` (`route`, `None` when it says nothing) carries a key.
+    pub fn wants_key_for(&self, method: &Method, route: Option<bool>) -> bool {
+        route.unwrap_or_else(|| self.methods.contains(method))
+    }
+
+    /// Whether keys need this request's body before it goes on: to make a
+    /// fingerprint key, or, when the local cache keeps answers to client
+    /// keys (`cache`), to tell a client's retry from a different request
+    /// under the same key.
+    pub fn needs_body(
+        &self,
+        method: &Method,
+        headers: &http::HeaderMap,
+        route: Option<bool>,
+        cache: bool,
+    ) -> bool {
+        let client_key = headers.contains_key(&self.header);
+        (cache && client_key)
+            || (self.mode == KeyMode::Fingerprint
+                && !client_key
+                && self.wants_key_for(method, route))
     }
 }
 

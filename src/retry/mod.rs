@@ -13,12 +13,14 @@
 //!   response is returned, the exchange is over;
 //! - replays a request after a failure after which the upstream may have
 //!   processed it (a `500`/`502`/`504`, a reset once the request was sent, a
-//!   per-try timeout) only when that cannot run it twice: an idempotent
-//!   method, a route that declares it safe
-//!   ([`RequestPolicy::replay_after_send`]: `idempotency-key=honoured` or
-//!   `verify=`), or [`RetryConfig::retry_unsafe_requests`]. Failures after
-//!   which it cannot have (connect failure, `reset-before-request`,
-//!   `refused-stream`, `503`, `429`) are always retried;
+//!   per-try timeout) only when that cannot run it twice. The route decides
+//!   first ([`RequestPolicy::replay_after_send`]): `replay=safe`,
+//!   `idempotency-key=honoured` or `verify=` allow it whatever the method,
+//!   `replay=unsafe` refuses it whatever the method and the global opt-in.
+//!   Otherwise an idempotent method or [`RetryConfig::retry_unsafe_requests`]
+//!   allows it. Failures after which it cannot have (connect failure,
+//!   `reset-before-request`, `refused-stream`, `503`, `429`) are always
+//!   retried, whatever the route says;
 //! - never retries when the client's own body failed, when the body was larger
 //!   than the replay cap (or the shared replay memory was full) and part of it
 //!   was already sent, when the route says `retry=off`
@@ -285,9 +287,12 @@ where
     } = Deadline::of(&req, config.request_timeout);
     // A replay after the upstream may have processed the request must not be
     // able to run it twice (the README's replay rules).
-    let replay_safe = config.retry_unsafe_requests
-        || policy.is_some_and(|p| p.replay_after_send)
-        || is_idempotent(req.method());
+    // The route's own word (`replay=`, `idempotency-key=honoured`, `verify=`)
+    // comes first: it is the more specific statement.
+    let replay_safe = match policy.and_then(|p| p.replay_after_send) {
+        Some(route_says) => route_says,
+        None => config.retry_unsafe_requests || is_idempotent(req.method()),
+    };
     let retriable = policy.and_then(|p| p.retry) != Some(false)
         && config.max_attempts > 1
         && !config.retry_on.is_empty()

@@ -198,7 +198,7 @@ fn fast() -> RetryConfig {
 /// The policy of a route whose replays are safe (a `verify=` route).
 fn safe_route() -> RequestPolicy {
     RequestPolicy {
-        replay_after_send: true,
+        replay_after_send: Some(true),
         ..RequestPolicy::default()
     }
 }
@@ -785,6 +785,101 @@ async fn replays_after_sending_only_when_safe() {
                     Err(err) => {
                         assert!(!expect_retry, "{case}: {err}");
                         assert_eq!(err.may_have_been_processed(), processed, "{case}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request on a route with `replay=safe` or `replay=unsafe`.
+fn on_replay_route(method: Method, safe: bool) -> Request<Body> {
+    let mut req = unsafe_post(body::full("x"));
+    *req.method_mut() = method;
+    req.extensions_mut().insert(RequestPolicy {
+        replay_after_send: Some(safe),
+        ..RequestPolicy::default()
+    });
+    req
+}
+
+/// `replay=safe` replays a POST after a 502; `replay=unsafe` keeps a PUT
+/// (idempotent) from being replayed after a 502, counting the refusal, but
+/// still retries it after a connect failure or a 503, which cannot have
+/// been processed.
+#[tokio::test]
+async fn route_replay_option_decides_replays_after_sending() {
+    let h = Harness::new(fast(), Upstream::new(&[Step::Status(502)]));
+    let rsp = h.send(on_replay_route(Method::POST, true)).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(attempts_header(&rsp).as_deref(), Some("2"));
+    assert_eq!(h.upstream.attempts(), 2);
+
+    let h = Harness::new(fast(), Upstream::new(&[Step::Status(502)]));
+    let rsp = h.send(on_replay_route(Method::PUT, false)).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(attempts_header(&rsp), None);
+    assert_eq!(h.upstream.attempts(), 1);
+    let metrics = h.metrics();
+    assert!(
+        metrics.contains("idemproxy_retries_refused_total{reason=\"5xx\"} 1"),
+        "{metrics}"
+    );
+
+    for step in [Step::ConnectFail, Step::Status(503)] {
+        let h = Harness::new(fast(), Upstream::new(&[step]));
+        let rsp = h.send(on_replay_route(Method::PUT, false)).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK, "{step:?}");
+        assert_eq!(h.upstream.attempts(), 2, "{step:?}");
+    }
+}
+
+/// Every class × `replay=safe|unsafe` × the global opt-in: the route's word
+/// decides every failure after which the upstream may have processed the
+/// request, whatever the method and `IDEMPROXY_RETRY_UNSAFE_REQUESTS`; the
+/// others are retried anyway.
+#[tokio::test(start_paused = true)]
+async fn route_replay_option_overrides_the_method_and_the_opt_in() {
+    let failures = [
+        ("5xx", Step::Status(500), true),
+        ("5xx", Step::Status(504), true),
+        ("reset", Step::Reset, true),
+        ("timeout", Step::Hang, true),
+        ("5xx", Step::Status(503), false),
+        ("retriable-status-codes", Step::Status(429), false),
+        ("reset-before-request", Step::ResetBeforeRequest, false),
+        ("refused-stream", Step::RefusedStream, false),
+        ("connect-failure", Step::ConnectFail, false),
+    ];
+    for unsafe_opt_in in [false, true] {
+        for (word, step, processed) in failures {
+            for method in [Method::GET, Method::PUT, Method::POST, Method::PATCH] {
+                for safe in [true, false] {
+                    let config = RetryConfig {
+                        retry_on: RetryOn::parse(word).unwrap(),
+                        try_timeout: Some(Duration::from_secs(1)),
+                        retry_unsafe_requests: unsafe_opt_in,
+                        ..fast()
+                    };
+                    let h = Harness::new(config, Upstream::new(&[step]));
+                    let case = format!(
+                        "{word} {step:?} / {method} replay={safe} / opt-in {unsafe_opt_in}"
+                    );
+                    let result = h.send(on_replay_route(method.clone(), safe)).await;
+                    let expect_retry = safe || !processed;
+                    assert_eq!(
+                        h.upstream.attempts(),
+                        if expect_retry { 2 } else { 1 },
+                        "{case}"
+                    );
+                    let refused = format!("idemproxy_retries_refused_total{{reason=\"{word}\"}} 1");
+                    assert_eq!(h.metrics().contains(&refused), !expect_retry, "{case}");
+                    if expect_retry {
+                        assert_eq!(
+                            result.map(|r| r.status()).ok(),
+                            Some(StatusCode::OK),
+                            "{case}"
+                        );
                     }
                 }
             }

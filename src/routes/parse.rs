@@ -2,10 +2,11 @@
 
 use http::{Method, StatusCode};
 
+use super::condition::Condition;
 use super::path::{CaptureKind, PathTemplate};
 use super::session_source::{SessionSource, SessionSourceKind};
 use super::template::{Placeholder, Template, TemplateError};
-use super::{HeartbeatTemplate, MatchMode, Route, VerifyRule, VerifyTarget};
+use super::{HeartbeatTemplate, MatchMode, RecoveredBody, Route, VerifyRule, VerifyTarget};
 use crate::units::{DURATION_EXPECTED, parse_duration};
 
 /// A route line that does not parse. Its `Display` names the 1-based line
@@ -27,8 +28,13 @@ pub struct RouteError {
 
 const VERIFY_EXPECTED: &str =
     "expected verify=same, verify=location or verify=METHOD:/path/template";
-const OPTIONS_EXPECTED: &str = "unknown option: expected retry=, idempotency-key=, timeout=, \
-     verify=, match=, recovered-status=, session=, session-end, renews or heartbeat=";
+const OPTIONS_EXPECTED: &str = "unknown option: expected if-query=, if-header=, if-json=, \
+     retry=, idempotency-key=, replay=, timeout=, \
+     verify=, match=, recovered-status=, recovered-body=, session=, session-end, renews, \
+     heartbeat= or lease-ttl=";
+
+/// The condition options (`if-…=`), which a route may repeat.
+const CONDITION_KEYS: &[&str] = &["if-query", "if-header", "if-json"];
 
 /// Methods a route, a verification or a heartbeat may name.
 const METHODS: &[&str] = &[
@@ -112,21 +118,26 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
     let mut route = Route {
         method,
         path,
+        conditions: Vec::new(),
         retry: None,
         idempotency_key: None,
         key_honoured: false,
+        replay: None,
         timeout: None,
         verify: None,
         session: Vec::new(),
         session_end: false,
         renews: None,
         heartbeat: None,
+        lease_ttl: None,
         line: line.to_owned(),
         line_number: number,
     };
     let mut verify: Option<(&str, VerifyTarget)> = None;
     let mut match_mode: Option<(&str, MatchMode)> = None;
     let mut recovered: Option<(&str, StatusCode)> = None;
+    let mut recovered_body: Option<(&str, RecoveredBody)> = None;
+    let mut match_ignore: Option<(&str, Vec<String>)> = None;
     let mut seen: Vec<&str> = Vec::new();
 
     for word in words {
@@ -134,7 +145,8 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
             Some((key, value)) => (key, Some(value)),
             None => (word, None),
         };
-        if key != "session" {
+        // `session=` and the conditions are repeatable.
+        if key != "session" && !CONDITION_KEYS.contains(&key) {
             if seen.contains(&key) {
                 return Err(error(word, format!("{key} is given twice")));
             }
@@ -164,6 +176,18 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
             }
         };
         match key {
+            "if-query" | "if-header" | "if-json" => route
+                .conditions
+                .push(Condition::parse(key, value).map_err(|r| error(word, r))?),
+            "replay" => {
+                route.replay = Some(match value {
+                    "safe" => true,
+                    "unsafe" => false,
+                    _ => {
+                        return Err(error(word, "expected replay=safe or replay=unsafe".into()));
+                    }
+                });
+            }
             "retry" => {
                 route.retry = Some(
                     on_off(value)
@@ -225,6 +249,40 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                     .ok_or_else(|| error(word, "expected a 2xx status code such as 200".into()))?;
                 recovered = Some((word, status));
             }
+            "recovered-body" => {
+                let body = parse_recovered_body(value).map_err(|r| error(word, r))?;
+                recovered_body = Some((word, body));
+            }
+            "match-ignore" => {
+                let patterns: Vec<String> = value.split('|').map(str::to_owned).collect();
+                if patterns
+                    .iter()
+                    .any(|p| p.is_empty() || p == "*" || p[1..].contains('*'))
+                {
+                    return Err(error(
+                        word,
+                        "expected match-ignore=NAME|*SUFFIX, such as match-ignore=*@odata.type \
+                         (top-level fields of the sent document left out of the comparison)"
+                            .into(),
+                    ));
+                }
+                match_ignore = Some((word, patterns));
+            }
+            "lease-ttl" => {
+                let source = SessionSource::parse(value)
+                    .ok()
+                    .filter(|s| {
+                        matches!(
+                            s.kind(),
+                            SessionSourceKind::Header(_)
+                                | SessionSourceKind::Json(_)
+                                | SessionSourceKind::ResponseHeader(_)
+                                | SessionSourceKind::ResponseJson(_)
+                        )
+                    })
+                    .ok_or_else(|| error(word, LEASE_TTL_EXPECTED.into()))?;
+                route.lease_ttl = Some(source);
+            }
             "session" => {
                 let source = SessionSource::parse(value).map_err(|e| error(word, e.to_string()))?;
                 if let SessionSourceKind::Path(name) = source.kind() {
@@ -261,7 +319,17 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                 check_route_template(template, &route.path)
                     .map_err(|e| error(verify_word, format!("{e}; {VERIFY_EXPECTED}")))?;
             }
+            if let Some((word, RecoveredBody::Template(template))) = &mut recovered_body {
+                check_route_template(template, &route.path)
+                    .map_err(|e| error(word, e.to_string()))?;
+            }
             let mode = match_mode.map_or(MatchMode::JsonSubset, |(_, mode)| mode);
+            if let (Some((word, _)), true) = (&match_ignore, mode != MatchMode::JsonSubset) {
+                return Err(error(
+                    word,
+                    "match-ignore= only applies with match=json-subset".into(),
+                ));
+            }
             let head =
                 matches!(&target, VerifyTarget::Template { method, .. } if *method == Method::HEAD);
             if head && mode != MatchMode::Exists {
@@ -275,6 +343,8 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                 target,
                 match_mode: mode,
                 recovered_status: recovered.map_or(StatusCode::OK, |(_, status)| status),
+                recovered_body: recovered_body.map_or(RecoveredBody::Stored, |(_, body)| body),
+                match_ignore: match_ignore.map(|(_, p)| p).unwrap_or_default(),
             });
         }
         None => {
@@ -287,6 +357,18 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                     "recovered-status= only applies with verify=".into(),
                 ));
             }
+            if let Some((word, _)) = match_ignore {
+                return Err(error(
+                    word,
+                    "match-ignore= only applies with verify=".into(),
+                ));
+            }
+            if let Some((word, _)) = recovered_body {
+                return Err(error(
+                    word,
+                    "recovered-body= only applies with verify=".into(),
+                ));
+            }
         }
     }
     Ok(route)
@@ -297,6 +379,24 @@ fn on_off(value: &str) -> Option<bool> {
         "on" => Some(true),
         "off" => Some(false),
         _ => None,
+    }
+}
+
+const LEASE_TTL_EXPECTED: &str = "expected lease-ttl=header:NAME, lease-ttl=json:FIELD.PATH, \
+     lease-ttl=response-header:NAME or lease-ttl=response-json:FIELD.PATH (where the lease's \
+     length in seconds is)";
+
+/// `recovered-body=stored|empty|JSON-TEMPLATE`.
+fn parse_recovered_body(value: &str) -> Result<RecoveredBody, String> {
+    const EXPECTED: &str = "expected recovered-body=stored, recovered-body=empty or a JSON \
+         template without spaces such as {\"ok\":true,\"rev\":\"{stored._rev}\"}";
+    match value {
+        "stored" => Ok(RecoveredBody::Stored),
+        "empty" => Ok(RecoveredBody::Empty),
+        _ => {
+            let template = Template::parse_json(value).map_err(|e| format!("{e}; {EXPECTED}"))?;
+            Ok(RecoveredBody::Template(template))
+        }
     }
 }
 
@@ -316,6 +416,12 @@ fn parse_verify(value: &str) -> Result<VerifyTarget, String> {
         ));
     }
     let template = Template::parse(template).map_err(|e| format!("{e}; {VERIFY_EXPECTED}"))?;
+    if let Some(p) = template.stored_placeholder() {
+        return Err(format!(
+            "{p} names the stored document, which the verification is about to read: \
+             use it in recovered-body= only"
+        ));
+    }
     Ok(VerifyTarget::Template { method, template })
 }
 
@@ -524,6 +630,90 @@ DELETE /v1/sessions/{sid}          session=path:sid session-end
     }
 
     #[test]
+    fn recovered_answers_lease_lengths_and_ignored_fields_parse_and_print_back() {
+        let line = r#"PUT /{db}/{doc} verify=same match=json-subset recovered-status=201 match-ignore=*@odata.type|Timestamp recovered-body={"ok":true,"id":"{doc}","rev":"{stored._rev}"} lease-ttl=response-json:TTL"#;
+        let route = parse_one(line);
+        let verify = route.verify.as_ref().unwrap();
+        assert!(verify.recovered_body.reads_stored());
+        assert!(verify.ignores("Age@odata.type"));
+        assert!(verify.ignores("Timestamp"));
+        assert!(!verify.ignores("Age"));
+        assert_eq!(
+            route.lease_ttl.as_ref().map(ToString::to_string).as_deref(),
+            Some("response-json:TTL")
+        );
+        assert_eq!(route.to_string(), line);
+        assert_eq!(parse_one(&route.to_string()).to_string(), line);
+        let empty = parse_one("POST /t verify=same match=exists recovered-body=empty");
+        assert_eq!(
+            empty.verify.as_ref().map(|v| &v.recovered_body),
+            Some(&RecoveredBody::Empty)
+        );
+        // A request-side lease length needs the body when it is a JSON field.
+        assert!(parse_one("POST /v3/lease/grant lease-ttl=json:TTL").needs_body());
+        assert!(!parse_one("PUT /c/b lease-ttl=header:x-ms-lease-duration").needs_body());
+        assert!(
+            parse_one(r#"POST /t verify=same match=exists recovered-body={"a":"{body.x}"}"#)
+                .needs_body()
+        );
+    }
+
+    #[test]
+    fn recovered_bodies_lease_lengths_and_ignored_fields_refuse_bad_words() {
+        for (line, word, says) in [
+            (
+                "POST /t recovered-body=empty",
+                "recovered-body=empty",
+                "only applies with verify=",
+            ),
+            (
+                "POST /t match-ignore=x",
+                "match-ignore=x",
+                "only applies with verify=",
+            ),
+            (
+                "POST /t verify=same match=exact match-ignore=x",
+                "match-ignore=x",
+                "match=json-subset",
+            ),
+            (
+                "POST /t verify=same match-ignore=a||b",
+                "match-ignore=a||b",
+                "match-ignore=NAME",
+            ),
+            (
+                "POST /t verify=same match-ignore=a*b",
+                "match-ignore=a*b",
+                "match-ignore=NAME",
+            ),
+            (
+                "POST /t verify=same recovered-body={\"a\":\"{nope}\"}",
+                "recovered-body={\"a\":\"{nope}\"}",
+                "does not capture",
+            ),
+            (
+                "POST /t verify=GET:/x/{stored.id}",
+                "verify=GET:/x/{stored.id}",
+                "recovered-body= only",
+            ),
+            (
+                "POST /t lease-ttl=path:x",
+                "lease-ttl=path:x",
+                "lease-ttl=header:NAME",
+            ),
+            (
+                "POST /t lease-ttl=cookie:x",
+                "lease-ttl=cookie:x",
+                "lease-ttl=header:NAME",
+            ),
+        ] {
+            let e = parse_err(line);
+            assert_eq!(e.word, word, "{line}: {e}");
+            assert!(e.reason.contains(says), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn session_placeholder_means_the_capture_when_the_path_has_one() {
         let route = parse_one(
             "POST /v1/sessions/{session}/entries verify=GET:/v1/sessions/{session}/entries/{body.id}",
@@ -541,6 +731,62 @@ DELETE /v1/sessions/{sid}          session=path:sid session-end
             .cloned()
             .collect();
         assert_eq!(placeholders, [Placeholder::Session]);
+    }
+
+    #[test]
+    fn condition_and_replay_words_parse_or_name_the_word() {
+        let route = parse_one(
+            "PUT /{c}/{b} if-query=comp=lease if-header=x-ms-lease-action=acquire \
+             if-header=!x-ms-proposed-lease-id if-json=method=tools/list|resources/read \
+             if-query=!restype replay=unsafe",
+        );
+        assert_eq!(route.conditions.len(), 5);
+        assert_eq!(route.replay, Some(false));
+        assert_eq!(
+            route.conditions[3].to_string(),
+            "if-json=method=tools/list|resources/read"
+        );
+        assert!(route.conditions[3].reads_body());
+        assert!(!route.conditions[0].reads_body());
+        assert_eq!(parse_one("POST /mcp replay=safe").replay, Some(true));
+        assert_eq!(parse_one("POST /mcp").replay, None);
+
+        let cases = [
+            ("GET /x if-query", "if-query", "expected option=value"),
+            ("GET /x if-query=", "if-query=", "the name is empty"),
+            (
+                "GET /x if-query=a=x||y",
+                "if-query=a=x||y",
+                "a value is empty",
+            ),
+            ("GET /x if-query=a=", "if-query=a=", "a value is empty"),
+            ("GET /x if-query=!a=x", "if-query=!a=x", "takes no values"),
+            (
+                "GET /x if-header=a(b)",
+                "if-header=a(b)",
+                "not a valid header name",
+            ),
+            ("GET /x if-header=!", "if-header=!", "the name is empty"),
+            ("GET /x if-json=a..b", "if-json=a..b", "not a field path"),
+            ("GET /x if-json==1", "if-json==1", "the name is empty"),
+            ("GET /x if-cookie=a", "if-cookie=a", "unknown option"),
+            (
+                "GET /x replay=maybe",
+                "replay=maybe",
+                "expected replay=safe or replay=unsafe",
+            ),
+            ("GET /x replay", "replay", "expected option=value"),
+            (
+                "GET /x replay=safe replay=unsafe",
+                "replay=unsafe",
+                "given twice",
+            ),
+        ];
+        for (line, word, reason) in cases {
+            let err = parse_err(line);
+            assert_eq!(err.word, word, "{line}: {err}");
+            assert!(err.reason.contains(reason), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub enum Placeholder {
     Query,
     /// `{session}`: the session id.
     Session,
+    /// `{stored.a.b}`: a scalar field of the stored document that a
+    /// verification read (only in a route's `recovered-body=`).
+    Stored(FieldPath),
 }
 
 impl fmt::Display for Placeholder {
@@ -96,6 +99,7 @@ impl fmt::Display for Placeholder {
             Self::QueryParam(name) => write!(f, "{{query.{name}}}"),
             Self::Query => f.write_str("{query}"),
             Self::Session => f.write_str("{session}"),
+            Self::Stored(path) => write!(f, "{{stored.{path}}}"),
         }
     }
 }
@@ -134,6 +138,9 @@ pub(crate) fn read_placeholder(content: &str) -> Result<Placeholder, TemplateErr
         Some(("body", path)) => FieldPath::parse(path)
             .map(Placeholder::Body)
             .map_err(|_| invalid("expected {body.FIELD.PATH}, such as {body.items.0.id}")),
+        Some(("stored", path)) => FieldPath::parse(path)
+            .map(Placeholder::Stored)
+            .map_err(|_| invalid("expected {stored.FIELD.PATH}, such as {stored._rev}")),
         Some(_) => Err(TemplateError::UnknownPlaceholder {
             placeholder: content.to_owned(),
         }),
@@ -261,6 +268,13 @@ impl Template {
             .any(|p| matches!(p, Placeholder::Body(_)))
     }
 
+    /// The first `{stored.…}` placeholder, which only a route's
+    /// `recovered-body=` can fill (no other template has a stored document).
+    pub fn stored_placeholder(&self) -> Option<&Placeholder> {
+        self.placeholders()
+            .find(|p| matches!(p, Placeholder::Stored(_)))
+    }
+
     /// The names of the path captures used (`{name}` and `{*name}`).
     pub fn capture_names(&self) -> impl Iterator<Item = &str> {
         self.placeholders().filter_map(|p| match p {
@@ -380,6 +394,8 @@ pub struct RenderContext<'a> {
     pub query: Option<&'a str>,
     /// The session id, when known.
     pub session: Option<&'a str>,
+    /// The stored document a verification read, when one was.
+    pub stored: Option<&'a Value>,
 }
 
 impl<'a> RenderContext<'a> {
@@ -391,6 +407,7 @@ impl<'a> RenderContext<'a> {
             headers,
             query: None,
             session: None,
+            stored: None,
         }
     }
 
@@ -412,6 +429,13 @@ impl<'a> RenderContext<'a> {
     #[must_use]
     pub fn with_session(mut self, session: Option<&'a str>) -> Self {
         self.session = session;
+        self
+    }
+
+    /// Sets the stored document that a verification read.
+    #[must_use]
+    pub fn with_stored(mut self, stored: Option<&'a Value>) -> Self {
+        self.stored = stored;
         self
     }
 }
@@ -437,6 +461,10 @@ fn resolve<'c>(
         Placeholder::QueryParam(name) => ctx.query.and_then(|q| query_param(q, name)),
         Placeholder::Query => Some(Cow::Borrowed(ctx.query.unwrap_or(""))),
         Placeholder::Session => ctx.session.map(Cow::Borrowed),
+        Placeholder::Stored(path) => ctx
+            .stored
+            .and_then(|doc| lookup(doc, path))
+            .and_then(scalar_text),
     };
     value.ok_or_else(|| RenderError::Missing {
         placeholder: placeholder.to_string(),

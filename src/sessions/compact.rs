@@ -2,6 +2,7 @@
 //! its heartbeat and credentials in as few small allocations as possible.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -162,6 +163,8 @@ pub(super) struct Beat {
     text: Box<[u8]>,
     path_len: u32,
     has_body: bool,
+    /// The session's own interval in milliseconds; 0: the global one.
+    interval_ms: u32,
 }
 
 impl Beat {
@@ -179,6 +182,9 @@ impl Beat {
             text: text.into_boxed_slice(),
             path_len,
             has_body: spec.body.is_some(),
+            interval_ms: spec.interval.map_or(0, |i| {
+                u32::try_from(i.as_millis()).unwrap_or(u32::MAX).max(1)
+            }),
         }))
     }
 
@@ -196,6 +202,11 @@ impl Beat {
     /// The path and query (re-parsed from the text of a valid one).
     pub(super) fn path_and_query(&self) -> PathAndQuery {
         PathAndQuery::try_from(self.split().0).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+    }
+
+    /// The session's own interval, if it has one.
+    pub(super) fn interval(&self) -> Option<Duration> {
+        (self.interval_ms > 0).then(|| Duration::from_millis(u64::from(self.interval_ms)))
     }
 
     /// The body, if any.

@@ -7,6 +7,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
@@ -29,6 +30,7 @@ use crate::routes::{
     Captures, HeartbeatTemplate, RenderContext, SessionSource, SessionSourceKind, Template,
 };
 use crate::service::{HttpService, PassThrough, ResponseFuture, take_ready};
+use crate::units::MAX_DURATION;
 
 /// How sessions are learned and heartbeated; built by the configuration.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +52,9 @@ pub struct SessionLayerConfig {
     pub requests_renew: bool,
     /// Largest response body read to find a `response-json:` session id.
     pub max_response_body: usize,
+    /// `IDEMPROXY_HEARTBEAT_INTERVAL` was set: it wins over a lease length
+    /// learned by a route's `lease-ttl=`.
+    pub interval_set: bool,
 }
 
 /// Adds [`Sessions`] around a service.
@@ -99,6 +104,9 @@ struct Pending {
     /// The session's stored credentials, when they were exactly the
     /// request's as it was sent.
     known: Option<Credentials>,
+    /// The lease length the request states (a route's `lease-ttl=` on a
+    /// request header or body field).
+    lease: Option<Duration>,
 }
 
 impl<S> Service<Request<Body>> for Sessions<S>
@@ -166,6 +174,13 @@ where
             Some(_) => HeaderMap::new(),
             None => copy_credentials(pairs()),
         };
+        let lease = classified
+            .as_ref()
+            .and_then(|c| c.route())
+            .and_then(|r| r.lease_ttl.as_ref())
+            .filter(|s| !s.is_response())
+            .and_then(|s| s.from_request(captures, req.headers(), json))
+            .and_then(|text| lease_length(&text));
         let pending = Pending {
             credentials,
             known,
@@ -173,6 +188,7 @@ where
             source,
             classified,
             query: req.uri().query().map(str::to_owned),
+            lease,
         };
         let guard = pending
             .id
@@ -254,40 +270,53 @@ async fn after_response(
         return with_guard(resp, guard);
     }
     let route_sources = route.map(|r| r.session.as_slice()).unwrap_or_default();
-    let mut resp = resp;
-    if pending.id.is_none() {
-        let response_sources: Vec<&SessionSource> = route_sources
+    let lease_source = route
+        .and_then(|r| r.lease_ttl.as_ref())
+        .filter(|s| s.is_response());
+    let response_sources: Vec<&SessionSource> = if pending.id.is_none() {
+        route_sources
             .iter()
             .chain(config.sources.iter())
             .filter(|s| s.is_response())
-            .collect();
-        if !response_sources.is_empty() {
-            let json_body = if response_sources.iter().any(|s| s.needs_response_body())
-                && is_json(resp.headers())
-            {
-                let (r, json) = read_json(resp, config.max_response_body).await;
-                resp = r;
-                json
-            } else {
-                None
-            };
-            for source in response_sources {
-                if let Some(id) = source.from_response(resp.headers(), json_body.as_ref()) {
-                    if let SessionSourceKind::ResponseHeader(name) = source.kind() {
-                        // Later requests send the id back in this header (MCP's
-                        // `Mcp-Session-Id`); heartbeats must carry it as well.
-                        if let (false, Ok(value)) = (
-                            pending.credentials.contains_key(name),
-                            HeaderValue::from_str(&id),
-                        ) {
-                            pending.credentials.insert(name.clone(), value);
-                        }
-                    }
-                    pending.id = Some(id.into());
-                    pending.source = Some(source.shared_label());
-                    break;
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut resp = resp;
+    let json_body = if response_sources
+        .iter()
+        .copied()
+        .chain(lease_source)
+        .any(SessionSource::needs_response_body)
+        && is_json(resp.headers())
+    {
+        let (r, json) = read_json(resp, config.max_response_body).await;
+        resp = r;
+        json
+    } else {
+        None
+    };
+    if let Some(source) = lease_source {
+        pending.lease = source
+            .from_response(resp.headers(), json_body.as_ref())
+            .and_then(|text| lease_length(&text));
+    }
+    // Empty unless the id is still to be learned.
+    for source in response_sources {
+        if let Some(id) = source.from_response(resp.headers(), json_body.as_ref()) {
+            if let SessionSourceKind::ResponseHeader(name) = source.kind() {
+                // Later requests send the id back in this header (MCP's
+                // `Mcp-Session-Id`); heartbeats must carry it as well.
+                if let (false, Ok(value)) = (
+                    pending.credentials.contains_key(name),
+                    HeaderValue::from_str(&id),
+                ) {
+                    pending.credentials.insert(name.clone(), value);
                 }
             }
+            pending.id = Some(id.into());
+            pending.source = Some(source.shared_label());
+            break;
         }
     }
     let Some(id) = pending.id.clone() else {
@@ -305,6 +334,12 @@ async fn after_response(
         route_heartbeat
             .or(config.heartbeat.as_ref())
             .and_then(|hb| render_heartbeat(tracker, config, hb, &pending, &id))
+            .map(|spec| match pending.lease {
+                // Renewed every third of the lease: two heartbeats may fail
+                // (or come late) before it runs out.
+                Some(lease) if !config.interval_set => spec.with_interval(lease / 3),
+                _ => spec,
+            })
             .map(Arc::new)
     } else {
         None
@@ -377,6 +412,17 @@ fn render_heartbeat(
     Some(spec)
 }
 
+/// A lease length as backends state it: whole seconds, as a JSON number or
+/// string or a header value (etcd's `"TTL":"60"`, Azure's
+/// `x-ms-lease-duration: 15`). `None` for anything else, including Azure's
+/// `-1` (a lease that never runs out: the global interval applies).
+fn lease_length(text: &str) -> Option<Duration> {
+    match text.trim().parse::<u64>() {
+        Ok(secs) if secs > 0 => Some(Duration::from_secs(secs.min(MAX_DURATION.as_secs()))),
+        _ => None,
+    }
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -425,5 +471,25 @@ impl http_body::Body for Failed {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Poll::Ready(self.0.take().map(Err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_lengths_are_whole_positive_seconds() {
+        assert_eq!(lease_length("60"), Some(Duration::from_secs(60)));
+        assert_eq!(lease_length(" 15 "), Some(Duration::from_secs(15)));
+        // Azure's infinite lease, zero, fractions and words leave the global interval.
+        for text in ["-1", "0", "1.5", "", "sixty", "18446744073709551616"] {
+            assert_eq!(lease_length(text), None, "{text:?}");
+        }
+        // Far too long is capped, never an overflow later.
+        assert_eq!(
+            lease_length("18446744073709551615"),
+            Some(Duration::from_secs(MAX_DURATION.as_secs()))
+        );
     }
 }

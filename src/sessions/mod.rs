@@ -168,6 +168,9 @@ pub struct HeartbeatSpec {
     /// Extra headers (already rendered templates); they replace copied
     /// credentials headers of the same name.
     pub set_headers: HeaderMap,
+    /// This session's own interval (a third of a lease length the backend
+    /// stated, see a route's `lease-ttl=`); `None`: the global one.
+    pub interval: Option<Duration>,
 }
 
 impl HeartbeatSpec {
@@ -178,7 +181,14 @@ impl HeartbeatSpec {
             path_and_query,
             body: None,
             set_headers: HeaderMap::new(),
+            interval: None,
         }
+    }
+
+    /// Sets this session's own interval.
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
     }
 
     /// Sets the JSON body.
@@ -195,6 +205,7 @@ impl fmt::Debug for HeartbeatSpec {
             .field("path_and_query", &"<redacted>")
             .field("body_len", &self.body.as_ref().map(Bytes::len))
             .field("set_headers", &self.set_headers.keys().collect::<Vec<_>>())
+            .field("interval", &self.interval)
             .finish()
     }
 }

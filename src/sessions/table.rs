@@ -112,7 +112,12 @@ impl Session {
     /// heartbeats as much as a silent one.
     pub(super) fn due(&self, settings: &Settings) -> Instant {
         let anchor = settings.instant(self.last_renewal.max(self.last_round));
-        anchor + jittered(settings.interval, self.jitter)
+        let interval = self
+            .heartbeat
+            .as_ref()
+            .and_then(|b| b.interval())
+            .map_or(settings.interval, |i| i.clamp(MIN_INTERVAL, MAX_DURATION));
+        anchor + jittered(interval, self.jitter)
     }
 
     /// The last renewal.
