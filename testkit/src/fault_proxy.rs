@@ -4,13 +4,28 @@
 //! It relays bytes both ways. It frames the requests it relays (head, then a
 //! `Content-Length` or chunked body) so that each request of a keep-alive
 //! connection is judged on its own: a request that matches [`FaultPlan::matches`]
-//! and is picked by [`Pick`] is forwarded to the upstream, the proxy waits
-//! until the upstream has started answering (or until its answer contains
-//! [`DropAfter::Contains`]) so that the server surely ran it, then closes
-//! the connection to the client without relaying a byte of that answer:
-//! "store then drop". Every request is kept, so it also serves as a wire tap
-//! ([`FaultProxy::count_lines`], [`FaultProxy::count_containing`]) with
-//! [`FaultPlan::none`].
+//! and is picked by [`Pick`] gets a [`Fault`]:
+//!
+//! - [`Fault::StoreThenDrop`] (what [`FaultProxy::start`] does): the request
+//!   is forwarded to the upstream, the proxy waits until the upstream has
+//!   started answering (or until its answer contains [`DropAfter::Contains`])
+//!   so that the server surely ran it, then closes the connection to the
+//!   client without relaying a byte of that answer;
+//! - [`Fault::Unavailable`]: the proxy answers `503 Service Unavailable`
+//!   itself (no `Retry-After`, the connection kept open); the upstream never
+//!   sees the request;
+//! - [`Fault::Reset`]: the proxy resets the connection (TCP RST) once it has
+//!   read the whole request, without forwarding it: the client cannot tell
+//!   this from a reset after the upstream processed it.
+//!
+//! [`FaultProxy::start_with`] chooses the fault of each picked request
+//! ([`Faults`]: one for all, a rotation, or a closure), so that one plan can
+//! mix them. [`FaultProxy::injected`] lists every fault in order and
+//! [`FaultProxy::counts`] counts them by kind.
+//!
+//! Every request that reaches the upstream is kept, so it also serves as a
+//! wire tap ([`FaultProxy::count_lines`], [`FaultProxy::count_containing`])
+//! with [`FaultPlan::none`].
 //!
 //! Anything it cannot frame (an `Upgrade`, `Expect: 100-continue`, HTTP/2, a
 //! body larger than [`MAX_INSPECT`]) is relayed as is for the rest of that
@@ -18,9 +33,10 @@
 //!
 //! ```no_run
 //! use testkit::TestProxy;
-//! use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
+//! use testkit::fault_proxy::{DropAfter, Fault, FaultPlan, FaultProxy, Faults, Pick};
 //!
 //! # async fn example(upstream_url: &str) {
+//! // Store then drop a fifth of the tool calls.
 //! let faults = FaultProxy::start(upstream_url, FaultPlan {
 //!     matches: Box::new(|req| req.contains("\"tools/call\"")),
 //!     pick: Pick::Chance { probability: 0.2, seed: 7 },
@@ -29,6 +45,20 @@
 //! let proxy = TestProxy::start(&faults.url(), &[]).await;
 //! // ... faults.dropped() lists what the client never got an answer to.
 //! # drop(proxy);
+//!
+//! // Every third PUT: a 503, a store-then-drop and a reset, in turn.
+//! let mixed = FaultProxy::start_with(
+//!     upstream_url,
+//!     FaultPlan {
+//!         matches: Box::new(|req| req.request_line().starts_with("PUT ")),
+//!         pick: Pick::EveryNth(3),
+//!         drop_after: DropAfter::FirstByte,
+//!     },
+//!     Faults::Rotate(vec![Fault::Unavailable, Fault::StoreThenDrop, Fault::Reset]),
+//! )
+//! .await;
+//! // ... mixed.counts().unavailable, .store_then_drop, .reset
+//! # drop(mixed);
 //! # }
 //! ```
 
@@ -81,7 +111,7 @@ impl FramedRequest {
     }
 }
 
-/// Which matching requests are dropped.
+/// Which matching requests get a fault.
 #[derive(Clone, Debug)]
 pub enum Pick {
     /// None: a pure relay (and wire tap).
@@ -91,7 +121,7 @@ pub enum Pick {
     /// The Nth, 2Nth, ... matching request (counted over all connections).
     EveryNth(usize),
     /// Each matching request with this probability, from a seeded generator
-    /// (the same seed drops the same positions of the matching sequence).
+    /// (the same seed picks the same positions of the matching sequence).
     Chance {
         /// 0.0 to 1.0.
         probability: f64,
@@ -100,7 +130,7 @@ pub enum Pick {
     },
 }
 
-/// When a picked request's connection is closed.
+/// When the connection of a request picked for [`Fault::StoreThenDrop`] is closed.
 #[derive(Clone, Debug)]
 pub enum DropAfter {
     /// As soon as the first byte of the upstream's answer arrives (its status
@@ -116,10 +146,120 @@ pub enum DropAfter {
 pub struct FaultPlan {
     /// Which requests are candidates.
     pub matches: Box<dyn Fn(&FramedRequest) -> bool + Send + Sync>,
-    /// Which candidates are dropped.
+    /// Which candidates get a fault (which fault: [`Faults`]).
     pub pick: Pick,
-    /// When the connection of a dropped one closes.
+    /// When the connection of a stored-then-dropped one closes.
     pub drop_after: DropAfter,
+}
+
+/// What happens to a picked request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// Forwarded; once the upstream answers (see [`DropAfter`]) the client
+    /// connection is closed without a byte of the answer: the upstream ran
+    /// the request, the client never learns it. Listed by [`FaultProxy::dropped`].
+    StoreThenDrop,
+    /// Not forwarded: the proxy answers `503 Service Unavailable` (a small
+    /// JSON body, no `Retry-After`) and keeps the connection open.
+    Unavailable,
+    /// Not forwarded: the proxy resets the client connection (TCP RST) after
+    /// reading the whole request, before any byte of an answer.
+    Reset,
+}
+
+impl Fault {
+    /// The fault's short name, as [`FaultCounts`] prints it: `drop`, `503`, `reset`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::StoreThenDrop => "drop",
+            Fault::Unavailable => "503",
+            Fault::Reset => "reset",
+        }
+    }
+
+    /// Whether the upstream received the request.
+    pub fn forwards(self) -> bool {
+        self == Fault::StoreThenDrop
+    }
+}
+
+/// Which [`Fault`] each picked request gets.
+pub enum Faults {
+    /// The same fault for every picked request.
+    One(Fault),
+    /// The faults in turn: the first picked request gets the first, and so
+    /// on, starting over after the last (an empty list means
+    /// [`Fault::StoreThenDrop`]). With [`Pick::Chance`] the positions are
+    /// seeded and the kinds rotate, so the counts of each kind differ by at
+    /// most one.
+    Rotate(Vec<Fault>),
+    /// Chosen per picked request from the request and its pick index
+    /// (0 for the first picked request).
+    Each(Box<ChooseFault>),
+}
+
+/// The closure of [`Faults::Each`]: the picked request and its pick index to its fault.
+pub type ChooseFault = dyn Fn(&FramedRequest, usize) -> Fault + Send + Sync;
+
+impl Faults {
+    fn choose(&self, req: &FramedRequest, index: usize) -> Fault {
+        match self {
+            Faults::One(fault) => *fault,
+            Faults::Rotate(list) if list.is_empty() => Fault::StoreThenDrop,
+            Faults::Rotate(list) => list[index % list.len()],
+            Faults::Each(f) => f(req, index),
+        }
+    }
+}
+
+/// One injected fault, in the order they happened.
+#[derive(Clone, Debug)]
+pub struct Injected {
+    /// What was done.
+    pub fault: Fault,
+    /// The request it was done to.
+    pub request: FramedRequest,
+}
+
+/// How many faults of each kind were injected so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// [`Fault::Unavailable`]: 503 answered by the fault proxy.
+    pub unavailable: usize,
+    /// [`Fault::StoreThenDrop`]: forwarded, answer dropped.
+    pub store_then_drop: usize,
+    /// [`Fault::Reset`]: connection reset, not forwarded.
+    pub reset: usize,
+}
+
+impl FaultCounts {
+    /// All faults.
+    pub fn total(&self) -> usize {
+        self.unavailable + self.store_then_drop + self.reset
+    }
+
+    /// The count of one kind.
+    pub fn of(&self, fault: Fault) -> usize {
+        match fault {
+            Fault::Unavailable => self.unavailable,
+            Fault::StoreThenDrop => self.store_then_drop,
+            Fault::Reset => self.reset,
+        }
+    }
+}
+
+/// `18 (503=6 drop=6 reset=6)`: the total, then each kind (for summary lines).
+impl std::fmt::Display for FaultCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (503={} drop={} reset={})",
+            self.total(),
+            self.unavailable,
+            self.store_then_drop,
+            self.reset
+        )
+    }
 }
 
 impl FaultPlan {
@@ -133,7 +273,7 @@ impl FaultPlan {
     }
 }
 
-/// A request whose answer was never relayed.
+/// A stored-then-dropped request: forwarded, its answer never relayed.
 #[derive(Clone, Debug)]
 pub struct Dropped {
     /// The request (forwarded to the upstream in full).
@@ -147,22 +287,25 @@ pub struct Dropped {
 struct Shared {
     upstream: SocketAddr,
     plan: FaultPlan,
+    faults: Faults,
     enabled: AtomicBool,
     matched: AtomicUsize,
+    picked: AtomicUsize,
     rng: Mutex<u64>,
     requests: Mutex<Vec<FramedRequest>>,
     dropped: Mutex<Vec<Dropped>>,
+    injected: Mutex<Vec<Injected>>,
     connections: AtomicUsize,
 }
 
 impl Shared {
-    /// Whether this request is to be dropped (counts matches, draws the dice).
-    fn pick(&self, req: &FramedRequest) -> bool {
+    /// The fault for this request, if it gets one (counts matches, draws the dice).
+    fn pick(&self, req: &FramedRequest) -> Option<Fault> {
         if !self.enabled.load(Ordering::SeqCst) || !(self.plan.matches)(req) {
-            return false;
+            return None;
         }
         let n = self.matched.fetch_add(1, Ordering::SeqCst) + 1;
-        match &self.plan.pick {
+        let picked = match &self.plan.pick {
             Pick::Never => false,
             Pick::Always => true,
             Pick::EveryNth(every) => *every > 0 && n % every == 0,
@@ -171,7 +314,20 @@ impl Shared {
                 let draw = splitmix64(&mut state) as f64 / u64::MAX as f64;
                 draw < *probability
             }
+        };
+        if !picked {
+            return None;
         }
+        let index = self.picked.fetch_add(1, Ordering::SeqCst);
+        Some(self.faults.choose(req, index))
+    }
+
+    /// Records an injected fault (before the client can see its effect).
+    fn record(&self, fault: Fault, request: &FramedRequest) {
+        self.injected.lock().unwrap().push(Injected {
+            fault,
+            request: request.clone(),
+        });
     }
 }
 
@@ -199,8 +355,15 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    /// Starts a proxy on 127.0.0.1 in front of `upstream` (`http://host:port`).
+    /// Starts a proxy on 127.0.0.1 in front of `upstream` (`http://host:port`)
+    /// whose picked requests are stored then dropped ([`Fault::StoreThenDrop`]).
     pub async fn start(upstream: &str, plan: FaultPlan) -> FaultProxy {
+        Self::start_with(upstream, plan, Faults::One(Fault::StoreThenDrop)).await
+    }
+
+    /// Starts a proxy on 127.0.0.1 in front of `upstream` (`http://host:port`)
+    /// whose picked requests get the faults that `faults` chooses.
+    pub async fn start_with(upstream: &str, plan: FaultPlan, faults: Faults) -> FaultProxy {
         let authority = upstream
             .strip_prefix("http://")
             .expect("an http:// upstream")
@@ -214,11 +377,14 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream,
             plan,
+            faults,
             enabled: AtomicBool::new(true),
             matched: AtomicUsize::new(0),
+            picked: AtomicUsize::new(0),
             rng: Mutex::new(seed),
             requests: Mutex::new(Vec::new()),
             dropped: Mutex::new(Vec::new()),
+            injected: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -251,12 +417,14 @@ impl FaultProxy {
         self.shared.enabled.store(on, Ordering::SeqCst);
     }
 
-    /// Every request relayed so far (dropped ones included), in order.
+    /// Every request forwarded to the upstream so far, in order: the
+    /// stored-then-dropped ones included, not those answered 503 or reset by
+    /// the fault proxy (they are in [`injected`](Self::injected)).
     pub fn requests(&self) -> Vec<FramedRequest> {
         self.shared.requests.lock().unwrap().clone()
     }
 
-    /// The request line of every request relayed so far, in order.
+    /// The request line of every request forwarded so far, in order.
     pub fn request_lines(&self) -> Vec<String> {
         self.shared
             .requests
@@ -267,7 +435,7 @@ impl FaultProxy {
             .collect()
     }
 
-    /// How many requests relayed so far have a request line that starts with
+    /// How many requests forwarded so far have a request line that starts with
     /// `prefix` (e.g. `POST /v3/lease/keepalive`).
     pub fn count_lines(&self, prefix: &str) -> usize {
         self.shared
@@ -279,7 +447,7 @@ impl FaultProxy {
             .count()
     }
 
-    /// How many requests relayed so far contain `needle` in head or body
+    /// How many requests forwarded so far contain `needle` in head or body
     /// (e.g. the id of a heartbeat's JSON-RPC ping).
     pub fn count_containing(&self, needle: &str) -> usize {
         self.shared
@@ -296,9 +464,28 @@ impl FaultProxy {
         self.shared.matched.load(Ordering::SeqCst)
     }
 
-    /// The requests whose answers were dropped, in order.
+    /// The stored-then-dropped requests ([`Fault::StoreThenDrop`]: forwarded,
+    /// their answers never relayed), in order.
     pub fn dropped(&self) -> Vec<Dropped> {
         self.shared.dropped.lock().unwrap().clone()
+    }
+
+    /// Every fault injected so far, of any kind, in order.
+    pub fn injected(&self) -> Vec<Injected> {
+        self.shared.injected.lock().unwrap().clone()
+    }
+
+    /// How many faults of each kind were injected so far.
+    pub fn counts(&self) -> FaultCounts {
+        let mut counts = FaultCounts::default();
+        for i in self.shared.injected.lock().unwrap().iter() {
+            match i.fault {
+                Fault::Unavailable => counts.unavailable += 1,
+                Fault::StoreThenDrop => counts.store_then_drop += 1,
+                Fault::Reset => counts.reset += 1,
+            }
+        }
+        counts
     }
 
     /// Client connections accepted so far.
@@ -319,6 +506,9 @@ struct Capture {
     got: Vec<u8>,
 }
 
+/// The body of the proxy's own 503.
+const UNAVAILABLE_BODY: &str = r#"{"error":"fault_proxy","detail":"503 injected by the fault proxy; the request was not forwarded"}"#;
+
 /// Serves one client connection.
 async fn serve(client: TcpStream, shared: Arc<Shared>) {
     let Ok(upstream) = TcpStream::connect(shared.upstream).await else {
@@ -326,7 +516,11 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (mut client_read, mut client_write) = client.into_split();
+    let (mut client_read, client_write) = client.into_split();
+    // Shared: the relay below writes the upstream's answers, the request
+    // side its own 503s (between answers: an HTTP/1.1 client sends the next
+    // request only once it has read the previous answer).
+    let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     let capture = Arc::new(Mutex::new(Capture::default()));
 
@@ -335,6 +529,7 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
     // side records the drop before the connection goes.
     let down = {
         let capture = capture.clone();
+        let client_write = client_write.clone();
         let drop_after = shared.plan.drop_after.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
@@ -373,14 +568,22 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
                         true
                     }
                 };
-                if relay && client_write.write_all(&buf[..n]).await.is_err() {
+                if relay
+                    && client_write
+                        .lock()
+                        .await
+                        .write_all(&buf[..n])
+                        .await
+                        .is_err()
+                {
                     return;
                 }
             }
         }
     };
 
-    // Client to upstream, one framed request at a time. Returns after a drop.
+    // Client to upstream, one framed request at a time. Returns after a drop
+    // or a reset.
     let up = {
         let capture = capture.clone();
         let shared = shared.clone();
@@ -405,14 +608,39 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
                         return;
                     }
                 };
-                shared.requests.lock().unwrap().push(req.clone());
-                if !shared.pick(&req) {
-                    if upstream_write.write_all(&raw).await.is_err() {
+                let fault = shared.pick(&req);
+                match fault {
+                    None => {
+                        shared.requests.lock().unwrap().push(req);
+                        if upstream_write.write_all(&raw).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Fault::Unavailable) => {
+                        shared.record(Fault::Unavailable, &req);
+                        let answer = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\n\
+                             content-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{UNAVAILABLE_BODY}",
+                            UNAVAILABLE_BODY.len()
+                        );
+                        let mut w = client_write.lock().await;
+                        if w.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Fault::Reset) => {
+                        shared.record(Fault::Reset, &req);
+                        // SO_LINGER 0: closing sends RST, not FIN.
+                        let _ = client_write.lock().await.as_ref().set_zero_linger();
                         return;
                     }
-                    continue;
+                    Some(Fault::StoreThenDrop) => {}
                 }
                 // Store then drop: forward, wait for the answer, close.
+                shared.requests.lock().unwrap().push(req.clone());
                 let (done, answered) = oneshot::channel();
                 {
                     let mut cap = capture.lock().unwrap();
@@ -426,6 +654,7 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
                         .await
                         .is_ok_and(|r| r.is_ok());
                 let prefix = std::mem::take(&mut capture.lock().unwrap().got);
+                shared.record(Fault::StoreThenDrop, &req);
                 shared.dropped.lock().unwrap().push(Dropped {
                     request: req,
                     answer_prefix: prefix.into(),
@@ -436,8 +665,9 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
         }
     };
 
-    // The connection ends after a drop, or when the upstream closed and
-    // everything it sent was relayed. Dropping both halves closes both sockets.
+    // The connection ends after a drop or a reset, or when the upstream
+    // closed and everything it sent was relayed. Dropping both halves closes
+    // both sockets.
     tokio::select! {
         () = up => {}
         () = down => {}
@@ -581,4 +811,100 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         let (n, v) = line.split_once(':')?;
         n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Upstream, client, response, within};
+
+    /// Each kind does what it says: a 503 and a reset never reach the
+    /// upstream, a store-then-drop does and its answer is lost; the
+    /// rotation, the counts and the lists agree.
+    #[tokio::test]
+    async fn faults_rotate_and_are_counted_by_kind() {
+        let upstream = Upstream::start(|_req| async { response(200, "stored") }).await;
+        let plan = FaultPlan {
+            matches: Box::new(|req| req.request_line().starts_with("POST ")),
+            pick: Pick::Always,
+            drop_after: DropAfter::FirstByte,
+        };
+        let faults = Faults::Rotate(vec![Fault::Unavailable, Fault::Reset, Fault::StoreThenDrop]);
+        let proxy = FaultProxy::start_with(&upstream.url(), plan, faults).await;
+        let http = client();
+        let post = |n: u32| {
+            http.post(format!("{}/w/{n}", proxy.url()))
+                .body(format!("{{\"n\":{n}}}"))
+                .send()
+        };
+
+        let unavailable = within("POST 1", post(1)).await.expect("a 503 answer");
+        assert_eq!(unavailable.status(), 503);
+        assert!(
+            within("503 body", unavailable.text())
+                .await
+                .unwrap()
+                .contains("fault_proxy")
+        );
+        assert_eq!(
+            upstream.requests.len(),
+            0,
+            "the 503'd request was forwarded"
+        );
+
+        assert!(
+            within("POST 2", post(2)).await.is_err(),
+            "a reset is an error"
+        );
+        assert_eq!(
+            upstream.requests.len(),
+            0,
+            "the reset request was forwarded"
+        );
+
+        assert!(
+            within("POST 3", post(3)).await.is_err(),
+            "a dropped answer is an error"
+        );
+        assert_eq!(
+            upstream.requests.len(),
+            1,
+            "the dropped request was not stored"
+        );
+
+        // Not matched: relayed as is.
+        let get = within("GET", http.get(format!("{}/r", proxy.url())).send())
+            .await
+            .unwrap();
+        assert_eq!(get.status(), 200);
+
+        let counts = proxy.counts();
+        assert_eq!(
+            counts,
+            FaultCounts {
+                unavailable: 1,
+                store_then_drop: 1,
+                reset: 1
+            }
+        );
+        assert_eq!(counts.to_string(), "3 (503=1 drop=1 reset=1)");
+        let kinds: Vec<Fault> = proxy.injected().iter().map(|i| i.fault).collect();
+        assert_eq!(
+            kinds,
+            [Fault::Unavailable, Fault::Reset, Fault::StoreThenDrop]
+        );
+        assert_eq!(
+            proxy.injected()[1].request.request_line(),
+            "POST /w/2 HTTP/1.1"
+        );
+        let dropped = proxy.dropped();
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].answered && dropped[0].answer_prefix.starts_with(b"HTTP/1.1 200"));
+        // What reached the upstream: the dropped POST and the GET.
+        assert_eq!(
+            proxy.request_lines(),
+            ["POST /w/3 HTTP/1.1", "GET /r HTTP/1.1"]
+        );
+        assert_eq!(proxy.matched(), 3);
+    }
 }

@@ -12,12 +12,16 @@
 //! - [`backend`]: the example session backend as a library (the
 //!   `session_backend` example is its command line).
 //! - [`real_servers`]: etcd and the official MCP Python SDK, started on their
-//!   own ports; [`fault_proxy`]: a fault-injecting proxy to put in front of them.
+//!   own ports; [`azurite`]: the Azure Storage emulator and SAS tokens for it;
+//!   [`pouchdb`]: PouchDB Server (CouchDB's HTTP API); [`fault_proxy`]: a
+//!   fault-injecting proxy to put in front of them (store then drop, 503,
+//!   reset).
 //!
 //! Everything binds `127.0.0.1:0`; everything that waits is bounded by
 //! [`within`], so a broken proxy fails a test instead of hanging it. The
 //! modules' items are re-exported here, except those of [`backend`],
-//! [`real_servers`] and [`fault_proxy`], which keep their module path.
+//! [`real_servers`], [`azurite`], [`pouchdb`] and [`fault_proxy`], which keep
+//! their module path.
 //!
 //! ```no_run
 //! use testkit::*;
@@ -33,11 +37,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod azurite;
 pub mod backend;
 mod body;
 pub mod fault_proxy;
 mod memory;
 mod pki;
+pub mod pouchdb;
 mod process;
 mod proxy;
 mod raw;

@@ -35,7 +35,7 @@ use serde_json::Value;
 use crate::{TempDir, client, within};
 
 /// How long a server may take to start answering.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whether `TEST_REAL_SERVERS=required` (set by `tools/test`): then a
 /// missing server is a failure, not a skip.
@@ -45,7 +45,7 @@ pub fn required() -> bool {
 
 /// Reports a missing server: panics when [`required`], otherwise prints a
 /// loud skip line to stderr. Returns `None` for `let ... else { return }`.
-fn missing<T>(what: &str, why: &str) -> Option<T> {
+pub(crate) fn missing<T>(what: &str, why: &str) -> Option<T> {
     let test = std::thread::current()
         .name()
         .unwrap_or("this test")
@@ -107,7 +107,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -134,7 +134,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Spawns `cmd` with stderr (and, unless `cmd` already set it, stdout)
     /// appended to `log`.
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf, pipe_stdout: bool) -> ServerProcess {
+    pub(crate) fn spawn(
+        name: &str,
+        mut cmd: Command,
+        log: PathBuf,
+        pipe_stdout: bool,
+    ) -> ServerProcess {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
