@@ -21,7 +21,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};

@@ -5,7 +5,9 @@
 //! budget.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use testkit::backend::{Backend, Options};

@@ -25,7 +25,9 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{Value, json};
 use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};

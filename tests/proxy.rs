@@ -4,7 +4,9 @@
 //! `127.0.0.1:0`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Method, Version};

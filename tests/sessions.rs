@@ -6,7 +6,9 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, header};
@@ -35,7 +37,7 @@ struct Hit {
 impl From<Recorded> for Hit {
     fn from(r: Recorded) -> Hit {
         Hit {
-            at: r.at.into_std(),
+            at: r.at,
             method: r.method,
             target: r
                 .uri

@@ -60,7 +60,9 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use clap::{CommandFactory as _, Parser};

@@ -120,7 +120,7 @@ pub fn run_bounded(cmd: &mut std::process::Command) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn idemproxy");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     while child.try_wait().expect("try_wait").is_none() {
         if started.elapsed() > WAIT {
             let _ = child.kill();
