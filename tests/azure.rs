@@ -10,13 +10,14 @@
 //!   recovered one looks like Azure's own first answer (201 with the
 //!   entity, or 204 under `Prefer: return-no-content`). With an add-only
 //!   SAS the verification cannot read, and the 409 passes through. The
-//!   official `azure-data-tables` SDK must see a dropped insert succeed
-//!   (with azure-data-tables 12.7.0 it does not: the SDK annotates every
-//!   string and double with `@odata.type`, which no read of the entity
-//!   returns, so `match=json-subset` fails; that test says so when it fails).
+//!   official `azure-data-tables` SDK sees a dropped insert succeed (it
+//!   annotates every string and double with `@odata.type`, which no read of
+//!   the entity returns: the profile's `match-ignore=*@odata.type` leaves
+//!   them out of the comparison).
 //! - Blob lease: an acquire with `x-ms-lease-duration: 15` is renewed every
 //!   third of that (learned from the header), for a silent and a busy client
-//!   alike, past the duration; `release` stops the renewals. An acquire
+//!   alike, past the duration; `release` stops the renewals, and so does a
+//!   `change` for the old id (the client renews the new one). An acquire
 //!   without a proposed id is not replayed after a lost answer, one with a
 //!   proposed id is (and so is the `azure-storage-blob` SDK's).
 //!
@@ -1058,4 +1059,123 @@ async fn blob_lease_acquire_replays_only_with_a_proposed_id() {
         "profile azure-blob-lease (acquire replay): faults={} no-proposed-id=502 may_have_been_processed, proposed-id=201 after 2 attempts, SDK: {sdk_summary}",
         s.tap.counts()
     ));
+}
+
+/// A `change` to a new id ends the old id's renewals: a 15 s lease acquired
+/// as A through the proxy, renewed once by it, changed to B: no renewal of A
+/// follows for more than one interval (a third of the duration), the client
+/// renews B itself, and A is no longer tracked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_lease_change_ends_the_old_ids_renewals() {
+    let Some(s) = BlobSetup::start("change", FaultPlan::none()).await else {
+        return;
+    };
+    s.create_blob("changed").await;
+    let (a, b) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let duration = LEASE_SECS.to_string();
+    let interval = Duration::from_secs(LEASE_SECS / 3);
+    let reply = s
+        .lease(
+            "changed",
+            "acquire",
+            &[
+                ("x-ms-lease-duration", &duration),
+                ("x-ms-proposed-lease-id", &a),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 201, "acquire: {reply:?}");
+    assert_eq!(reply.header("x-ms-lease-id"), Some(a.as_str()), "{reply:?}");
+    let tracked = admin_sessions(&s.proxy).await;
+    assert_eq!(tracked.len(), 1, "{tracked:?}");
+    let digest_of_a = tracked[0]["digest"].clone();
+
+    // The proxy renews A (so that its silence afterwards means something).
+    within("the proxy's first renewal of A", async {
+        while s.renews("changed", &a) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let reply = s
+        .lease(
+            "changed",
+            "change",
+            &[("x-ms-lease-id", &a), ("x-ms-proposed-lease-id", &b)],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "change: {reply:?}");
+    assert_eq!(reply.header("x-ms-lease-id"), Some(b.as_str()), "{reply:?}");
+    // A renewal of A already on its way may still land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (renews_of_a, changed_at) = (s.renews("changed", &a), Instant::now());
+    let heartbeats = metric_sum(&s.proxy.metrics().await, "idemproxy_heartbeats_total");
+
+    // The client renews B itself, as the README says it must.
+    let reply = s.lease("changed", "renew", &[("x-ms-lease-id", &b)]).await;
+    assert_eq!(reply.status, 200, "renew B: {reply:?}");
+    assert_eq!(reply.header("x-ms-lease-id"), Some(b.as_str()), "{reply:?}");
+    let tracked = admin_sessions(&s.proxy).await;
+    assert!(
+        tracked.iter().all(|t| t["digest"] != digest_of_a),
+        "A is still tracked after the change: {tracked:?}"
+    );
+
+    // More than one interval (±10% jitter) after the change.
+    tokio::time::sleep((interval + Duration::from_secs(1)).saturating_sub(changed_at.elapsed()))
+        .await;
+    let after = s.renews("changed", &a) - renews_of_a;
+    let renews_of_b = s.renews("changed", &b);
+    let ended = metric_value(
+        &s.proxy.metrics().await,
+        r#"idemproxy_sessions_ended_total{reason="client_end"}"#,
+    );
+    summary(&format!(
+        "profile azure-blob-lease (change): renewals of A before the change={renews_of_a} after={after} \
+         in {:.1} s; renewals of B on the wire={renews_of_b} (the client's own: 1); tracked after: {}",
+        changed_at.elapsed().as_secs_f64(),
+        admin_sessions(&s.proxy)
+            .await
+            .iter()
+            .map(|t| format!(
+                "{} next_heartbeat_in_secs={}",
+                t["source"], t["next_heartbeat_in_secs"]
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    assert_eq!(after, 0, "renewals of the old id A after the change");
+    assert_eq!(
+        metric_sum(&s.proxy.metrics().await, "idemproxy_heartbeats_total"),
+        heartbeats,
+        "heartbeats sent after the change"
+    );
+    assert_eq!(ended, Some(1.0), "A ended by the client's change");
+    let tracked = admin_sessions(&s.proxy).await;
+    assert!(
+        tracked.iter().all(|t| t["digest"] != digest_of_a),
+        "A is tracked again: {tracked:?}"
+    );
+    assert_eq!(
+        renews_of_b, 1,
+        "renewals of B: only the client's own (the README: the new id is not renewed by idemproxy)"
+    );
+    assert_eq!(s.lease_state("changed").await, "leased");
+    // B holds the lease: a write under it works, one under A is refused.
+    let reply = s.write("changed", &b, "under B").await;
+    assert_eq!(reply.status, 201, "write under B: {reply:?}");
+    let reply = s.write("changed", &a, "under A").await;
+    assert_eq!(
+        reply.status, 412,
+        "write under A after the change: {reply:?}"
+    );
+    let reply = s
+        .lease("changed", "release", &[("x-ms-lease-id", &b)])
+        .await;
+    assert_eq!(reply.status, 200, "release B: {reply:?}");
+    assert!(admin_sessions(&s.proxy).await.is_empty());
 }

@@ -886,3 +886,133 @@ async fn a_session_first_seen_mid_life_gets_pings() {
     let sessions = admin_sessions(&second).await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
 }
+
+/// The stateless protocol revision (no `initialize`, no session).
+const STATELESS: &str = "2026-07-28";
+
+/// `POST` of one 2026-07-28 request: `MCP-Protocol-Version` and `Mcp-Method`
+/// (and `Mcp-Name`, when given) headers, no `Mcp-Session-Id`.
+async fn post_stateless(endpoint: &str, message: &Value, name: Option<&str>) -> Reply {
+    let method = message["method"].as_str().expect("a method");
+    let mut req = client()
+        .post(endpoint)
+        .header("content-type", "application/json")
+        .header("accept", PING_ACCEPT)
+        .header("mcp-protocol-version", STATELESS)
+        .header("mcp-method", method);
+    if let Some(name) = name {
+        req = req.header("mcp-name", name);
+    }
+    send(req.body(message.to_string())).await
+}
+
+/// A 2026-07-28 request: `params` with the per-request `_meta` envelope
+/// (protocol revision, client capabilities) that the revision requires.
+fn stateless_request(id: u64, method: &str, mut params: Value) -> Value {
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    });
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// Requests of the stateless 2026-07-28 revision (`MCP-Protocol-Version: 2026-07-28`, no `Mcp-Session-Id`) get the server's answer unchanged, successes and errors alike; no session is tracked and no ping follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stateless_revision_passes_through_untracked() {
+    let Some(s) = Setup::start(FaultPlan::none()).await else {
+        return;
+    };
+    let (proxied, direct) = (s.proxy.url("/mcp"), format!("{}/mcp", s.server.url()));
+    // Each request through the proxy and straight to the server: the same answer.
+    let same_answer = |what: &str, via: &Reply, straight: &Reply| {
+        assert_eq!(
+            (via.status, &via.content_type, &via.body),
+            (straight.status, &straight.content_type, &straight.body),
+            "{what}: through the proxy (left) and straight from the server (right)"
+        );
+        assert_eq!(via.session, None, "{what}: a session id? {via:?}");
+        assert_eq!(via.attempts, None, "{what}: {via:?}");
+    };
+
+    let list = stateless_request(1, "tools/list", json!({}));
+    let via = post_stateless(&proxied, &list, None).await;
+    let straight = post_stateless(&direct, &list, None).await;
+    assert_eq!(via.status, 200, "tools/list: {via:?}");
+    assert!(via.content_type.starts_with("application/json"), "{via:?}");
+    let message = via.message().unwrap_or_else(|| panic!("{via:?}"));
+    assert_eq!(message["result"]["tools"][0]["name"], "record", "{message}");
+    same_answer("tools/list", &via, &straight);
+
+    // A tool call: the answers differ only in the call id the tool echoes.
+    let call = |call_id: &str| {
+        let params = json!({"name": "record", "arguments": {"call_id": call_id}});
+        stateless_request(2, "tools/call", params)
+    };
+    let via = post_stateless(&proxied, &call("stateless-call"), Some("record")).await;
+    let straight = post_stateless(&direct, &call("stateless-direct"), Some("record")).await;
+    if let Err(e) = recorded(&via, "stateless-call") {
+        panic!("{e}");
+    }
+    let straight = Reply {
+        body: straight.body.replace("stateless-direct", "stateless-call"),
+        ..straight
+    };
+    same_answer("tools/call", &via, &straight);
+
+    // Without the `_meta` envelope the SDK answers 400 with a JSON-RPC
+    // error (-32602): passed through as it is.
+    let bare = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}});
+    let via = post_stateless(&proxied, &bare, None).await;
+    let straight = post_stateless(&direct, &bare, None).await;
+    assert_eq!(via.status, 400, "{via:?}");
+    assert_eq!(
+        via.message().map(|m| m["error"]["code"].clone()),
+        Some(json!(-32602)),
+        "{via:?}"
+    );
+    same_answer("tools/list without _meta", &via, &straight);
+
+    // The tap saw the three proxied requests as sent: no session id added.
+    let requests = s.tap.requests();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    for r in &requests {
+        assert_eq!(
+            r.header("mcp-protocol-version"),
+            Some(STATELESS),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.header("mcp-session-id"), None, "{}", r.head);
+    }
+
+    // Two heartbeat intervals and more: nothing tracked, no ping sent.
+    tokio::time::sleep(INTERVAL * 5 / 2).await;
+    let stats = s.server.stats().await;
+    let mut summary = s.summary("stateless-revision");
+    summary.writes = 1;
+    summary.count_runs(&stats, &["stateless-call".to_owned()]);
+    summary.print(s.pings_on_the_wire());
+    let sessions = admin_sessions(&s.proxy).await;
+    assert!(sessions.is_empty(), "tracked: {sessions:?}");
+    let metrics = s.proxy.metrics().await;
+    assert_eq!(
+        testkit::metric_value(&metrics, "idemproxy_sessions"),
+        Some(0.0),
+        "sessions tracked (gauge)"
+    );
+    assert_eq!(s.heartbeats().await, 0.0, "heartbeats counted");
+    assert_eq!(
+        s.tap.count_containing(r#""method":"ping""#),
+        0,
+        "pings on the wire: {:?}",
+        s.tap.request_lines()
+    );
+    assert_eq!(s.tap.requests().len(), 3, "{:?}", s.tap.request_lines());
+    assert_eq!(stats.sessions, 0, "the SDK holds a session");
+    assert_eq!(
+        stats.runs.get("stateless-call"),
+        Some(&1),
+        "{:?}",
+        stats.runs
+    );
+}
