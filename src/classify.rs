@@ -28,7 +28,7 @@ use tracing::debug;
 use crate::body::Body;
 use crate::buffered::{BufferedBody, read_ahead};
 use crate::error::ProxyError;
-use crate::extensions::{Classified, SessionId, SessionSourceLabel};
+use crate::extensions::{Classified, RequestPolicy, SessionId, SessionSourceLabel};
 use crate::idempotency::KeyConfig;
 use crate::routes::{
     Captures, NeedsBody, Route, RouteMatch, RouteRequest, RouteTable, SessionSource,
@@ -201,7 +201,7 @@ fn finish(
     }
     if let (Some(route), Some(index)) = (route, index) {
         debug!(route = route.line_number, "classified");
-        parts.extensions.insert(route.policy());
+        parts.extensions.insert(RequestPolicy::of(route));
         parts.extensions.insert(Classified {
             table: config.table.clone(),
             index,

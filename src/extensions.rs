@@ -68,6 +68,18 @@ pub struct RequestPolicy {
     pub replay_after_send: Option<bool>,
 }
 
+impl RequestPolicy {
+    /// What classification puts in the extensions of a request on `route`.
+    pub fn of(route: &Route) -> Self {
+        Self {
+            retry: route.retry,
+            timeout: route.timeout,
+            idempotency_key: route.idempotency_key,
+            replay_after_send: route.replay_after_send(),
+        }
+    }
+}
+
 /// The session a request belongs to, when a session source found one.
 /// Layers read it from the request's extensions (fingerprint keys, heartbeats).
 #[derive(Clone, Debug, PartialEq, Eq)]

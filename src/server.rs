@@ -18,18 +18,7 @@ use tracing::{debug, info, warn};
 use crate::extensions::RemoteAddr;
 use crate::proxy::Proxy;
 
-/// Limits applied to client connections.
-#[derive(Clone, Debug)]
-pub struct ServerLimits {
-    /// Largest request head.
-    pub max_header_size: usize,
-    /// Time allowed for a request head.
-    pub header_read_timeout: Duration,
-    /// Connections served at once.
-    pub max_connections: usize,
-    /// Drain window on shutdown.
-    pub drain_timeout: Duration,
-}
+pub use crate::config::ServerLimits;
 
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 85\r\n\r\n{\"error\":\"too_many_connections\",\"detail\":\"idemproxy is at IDEMPROXY_MAX_CONNECTIONS\"}";
 

@@ -35,12 +35,10 @@ use http::uri::{Authority, Scheme};
 
 use crate::admin::{AdminToken, ControlConfig};
 use crate::idempotency::{CacheConfig, KeyConfig, KeyMode};
-use crate::proxy::EdgeOptions;
 use crate::retry::{RetryConfig, RetryOn};
 use crate::routes::{
     FieldPath, HeartbeatTemplate, RouteTable, SessionSource, SessionSourceKind, Template,
 };
-use crate::server::ServerLimits;
 use crate::sessions::{SessionConfig, SessionLayerConfig};
 
 mod args;
@@ -170,6 +168,28 @@ pub struct ServerConfig {
     pub edge: EdgeOptions,
 }
 
+/// Limits applied to client connections (the server takes them as they are).
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Largest request head.
+    pub max_header_size: usize,
+    /// Time allowed for a request head.
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Drain window on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// What the edge does to every request (it takes these as they are).
+#[derive(Clone, Debug)]
+pub struct EdgeOptions {
+    /// Keep the client's `Host` header.
+    pub preserve_host: bool,
+    /// Add `X-Forwarded-For/Proto/Host`.
+    pub forwarded_headers: bool,
+}
+
 /// The upstream and the pooled client's settings.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -234,7 +254,7 @@ fn admin_control_config(c: &mut Checker<'_>, others: [Option<SocketAddr>; 2]) ->
         None
     } else {
         c.parse(&ADMIN_CONTROL_LISTEN, None, |v| {
-            parse_loopback_addr(v).map(Some)
+            parse_loopback_addr(v, ADMIN_TOKEN_FILE.name).map(Some)
         })
     };
     let taken = listen.and_then(|l| others.into_iter().flatten().find(|o| same_port(l, *o)));

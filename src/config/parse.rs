@@ -8,7 +8,7 @@ use http::Uri;
 use http::uri::Scheme;
 use http::{HeaderName, Method, StatusCode};
 
-use super::{Upstream, options};
+use super::Upstream;
 use crate::routes::Template;
 
 /// Reads `on|off`, `true|false`, `yes|no`, `1|0`.
@@ -45,7 +45,8 @@ pub(super) fn parse_addr(text: &str) -> Result<SocketAddr, &'static str> {
 }
 
 /// A loopback socket address: only processes of the pod reach it.
-pub(super) fn parse_loopback_addr(text: &str) -> Result<SocketAddr, String> {
+/// `instead` names the option that allows the same on the other listener.
+pub(super) fn parse_loopback_addr(text: &str, instead: &str) -> Result<SocketAddr, String> {
     let addr = parse_addr(text).map_err(str::to_owned)?;
     if addr.ip().to_canonical().is_loopback() {
         Ok(addr)
@@ -53,7 +54,7 @@ pub(super) fn parse_loopback_addr(text: &str) -> Result<SocketAddr, String> {
         Err(format!(
             "a loopback address such as 127.0.0.1:7482 or [::1]:7482, because this listener serves the admin endpoints that change state and {} is reachable from outside the pod; to allow changes on the admin listener instead, set {}",
             addr.ip(),
-            options::ADMIN_TOKEN_FILE.name
+            instead
         ))
     }
 }

@@ -93,14 +93,7 @@ where
     }
 }
 
-/// Options of the edge.
-#[derive(Clone, Debug)]
-pub struct EdgeOptions {
-    /// Keep the client's `Host` header.
-    pub preserve_host: bool,
-    /// Add `X-Forwarded-For/Proto/Host`.
-    pub forwarded_headers: bool,
-}
+pub use crate::config::EdgeOptions;
 
 /// The client-facing service. Cheap to clone.
 #[derive(Clone)]

@@ -60,7 +60,7 @@
 //! assert_eq!(template.render(&ctx).unwrap(), "/v1/sessions/a%20b/entries/..%2Fadmin");
 //!
 //! let get = |path| table.route_match(&RouteRequest::new(&Method::GET, path));
-//! assert_eq!(get("/v1/sessions/s/await").unwrap().route.policy().retry, Some(false));
+//! assert_eq!(get("/v1/sessions/s/await").unwrap().route.retry, Some(false));
 //! assert!(get("/v1/sessions//await").is_none());
 //!
 //! // Conditions: the same path, other options.
@@ -76,7 +76,7 @@
 //! assert_eq!(table.route_match(&renew).unwrap().index, 1);
 //! let ping = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
 //! let call = RouteRequest::new(&Method::POST, "/mcp").with_body(Some(&ping));
-//! assert_eq!(table.route_match(&call).unwrap().route.policy().replay_after_send, Some(true));
+//! assert_eq!(table.route_match(&call).unwrap().route.replay_after_send(), Some(true));
 //! ```
 #![warn(missing_docs)]
 
@@ -101,7 +101,6 @@ pub use path::{CaptureKind, Captures, PathTemplate};
 pub use session_source::{SessionSource, SessionSourceError, SessionSourceKind};
 pub use template::{Placeholder, RenderContext, RenderError, Template, TemplateError};
 
-use crate::extensions::RequestPolicy;
 use crate::units::format_duration;
 
 /// The parsed `IDEMPROXY_ROUTES`: routes in order, first match wins.
@@ -302,16 +301,13 @@ impl Route {
                 .is_some_and(SessionSource::needs_request_body)
     }
 
-    /// What the layers below classification read from the request's extensions.
-    pub fn policy(&self) -> RequestPolicy {
-        RequestPolicy {
-            retry: self.retry,
-            timeout: self.timeout,
-            idempotency_key: self.idempotency_key,
-            replay_after_send: self
-                .replay
-                .or((self.key_honoured || self.verify.is_some()).then_some(true)),
-        }
+    /// The route's word on replaying a request after the upstream may have
+    /// processed it: `replay=`, else `Some(true)` when it says
+    /// `idempotency-key=honoured` or has `verify=` (a replay that meets the
+    /// stored write gets a 409, which is verified), else `None`.
+    pub fn replay_after_send(&self) -> Option<bool> {
+        self.replay
+            .or((self.key_honoured || self.verify.is_some()).then_some(true))
     }
 
     /// Whether one of the route's conditions reads the JSON request body.
@@ -563,14 +559,10 @@ mod tests {
             .unwrap();
         assert_eq!(m.index, 2);
         assert_eq!(m.captures.get("rest"), Some("special/x"));
+        let r = m.route;
         assert_eq!(
-            m.route.policy(),
-            RequestPolicy {
-                retry: None,
-                timeout: Some(Duration::from_secs(5)),
-                idempotency_key: None,
-                replay_after_send: None,
-            }
+            (r.retry, r.timeout, r.idempotency_key, r.replay_after_send()),
+            (None, Some(Duration::from_secs(5)), None, None)
         );
         assert!(
             t.route_match(&RouteRequest::new(&Method::GET, "/v2/x"))
@@ -686,7 +678,10 @@ mod tests {
         for (a, b) in t.iter().zip(again.iter()) {
             assert_eq!(a.conditions, b.conditions);
             assert_eq!(a.replay, b.replay);
-            assert_eq!(a.policy(), b.policy());
+            assert_eq!(
+                (a.retry, a.timeout, a.idempotency_key, a.replay_after_send()),
+                (b.retry, b.timeout, b.idempotency_key, b.replay_after_send())
+            );
         }
         assert_eq!(again.get(2).map(|r| r.conditions.len()), Some(6));
     }
@@ -792,10 +787,7 @@ mod tests {
             t.route_match(&RouteRequest::new(&Method::GET, "/c/blob?comp=lease"))
                 .is_none()
         );
-        assert_eq!(
-            t.get(1).map(|r| r.policy().replay_after_send),
-            Some(Some(false))
-        );
+        assert_eq!(t.get(1).map(|r| r.replay_after_send()), Some(Some(false)));
     }
 
     /// The MCP case: one path, told apart by the JSON body's `method`.
@@ -855,7 +847,7 @@ mod tests {
              POST /d idempotency-key=honoured\n\
              POST /e\n",
         );
-        let replay: Vec<_> = t.iter().map(|r| r.policy().replay_after_send).collect();
+        let replay: Vec<_> = t.iter().map(|r| r.replay_after_send()).collect();
         assert_eq!(
             replay,
             [Some(true), Some(false), Some(true), Some(true), None]
