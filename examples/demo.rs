@@ -18,8 +18,8 @@
 //! - **Part 2, a busy agent's session expires**: the backend's sessions expire `--session-ttl`
 //!   after creation or the last heartbeat, and ordinary calls do not extend them. An agent creates
 //!   a session and appends an entry every sixth of the TTL for `--agent-time`. Directly it sends no
-//!   heartbeat (it is busy, not idle), and the session dies under it; through idemproxy (the
-//!   README's route table, `--heartbeat` every third of the TTL) the session stays alive. Both
+//!   heartbeat (it is busy, not idle), and the session dies under it; through idemproxy
+//!   (`--profile session-api`, a heartbeat every third of the TTL) the session stays alive. Both
 //!   runs go on at the same time.
 //! - **Part 3, a side effect whose answer is lost**: the agent calls `POST
 //!   /v1/sessions/{sid}/actions` (say, "send the email"), which has no natural key; the backend
@@ -72,14 +72,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The route table the proxied run uses: session entries are verified by reading them back.
 const ROUTES: &str = "POST /v1/sessions/{sid}/entries session=path:sid verify=GET:/v1/sessions/{sid}/entries/{body.uuid}";
 
-/// The route table of parts 2 and 3: the README's. Sessions are learned from the create call's
-/// answer and from the path; the actions route matches the last line, which has no `verify=`.
-const SESSION_ROUTES: &str = "POST /v1/sessions session=response-json:id
-POST /v1/sessions/{sid}/entries session=path:sid verify=GET:/v1/sessions/{sid}/entries/{body.uuid}
-DELETE /v1/sessions/{sid} session=path:sid session-end
-* /v1/sessions/{sid}/{*rest} session=path:sid";
+/// The backend profile of parts 2 and 3: the README's one line for this backend. Sessions
+/// are learned from the create call's answer and from the path; the actions route matches
+/// its last line, which has no `verify=`.
+const PROFILE: &str = "session-api";
 
-/// The heartbeat of parts 2 and 3 (the README's): the only call that extends a session.
+/// The heartbeat the profile sends (the only call that extends a session).
 const HEARTBEAT: &str = "POST /v1/sessions/{session}/heartbeat";
 
 /// What the agent of part 3 asks the backend to do.
@@ -418,11 +416,11 @@ fn demo_proxy_flags(demo: &Demo) -> Vec<String> {
     flags
 }
 
-/// The idemproxy flags of parts 2 and 3, besides `--routes` and [`demo_proxy_flags`].
+/// The idemproxy flags of parts 2 and 3, besides [`demo_proxy_flags`].
 fn session_proxy_flags(demo: &Demo) -> Vec<String> {
     vec![
-        "--heartbeat".to_owned(),
-        HEARTBEAT.to_owned(),
+        "--profile".to_owned(),
+        PROFILE.to_owned(),
         "--heartbeat-interval".to_owned(),
         format!("{}ms", demo.heartbeat_interval().as_millis()),
     ]
@@ -435,7 +433,7 @@ fn proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
 
 /// The idemproxy configuration of parts 2 and 3 in front of `upstream`.
 fn session_proxy_config(demo: &Demo, upstream: &str) -> Result<Config, BoxError> {
-    proxy_config_with(demo, upstream, SESSION_ROUTES, &session_proxy_flags(demo))
+    proxy_config_with(demo, upstream, "", &session_proxy_flags(demo))
 }
 
 /// idemproxy's validated configuration in front of `upstream`: `routes`, the demo's flags,
@@ -1851,7 +1849,7 @@ async fn demo_main(demo: Demo) -> Result<ExitCode, BoxError> {
         "Part 2. A busy agent's session expires: the backend's sessions expire {} after creation \
          or the last heartbeat, and ordinary calls do not extend them. The agent creates a \
          session and appends an entry every {} for {}, without a heartbeat (it is busy, not \
-         idle). idemproxy heartbeats every {} with the README's route table. Both runs go on at \
+         idle). idemproxy heartbeats every {} with --profile session-api. Both runs go on at \
          the same time.",
         human(demo.session_ttl),
         human(demo.append_period()),
@@ -1862,7 +1860,7 @@ async fn demo_main(demo: Demo) -> Result<ExitCode, BoxError> {
     let mut flags = demo_proxy_flags(&demo);
     flags.extend(demo.proxy_args.iter().cloned());
     println!(
-        "idemproxy flags:\n  --routes '{SESSION_ROUTES}'\n  {}\n  {}",
+        "idemproxy flags:\n  {}\n  {}",
         shell_words(&session_proxy_flags(&demo)),
         shell_words(&flags)
     );
