@@ -23,7 +23,6 @@
 //! Run with `tools/test` (installs etcd); plain `cargo test` skips these
 //! loudly when etcd is missing.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ use tokio::time::Instant;
 use serde_json::{Value, json};
 use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
 use testkit::real_servers::{Etcd, base64, json_i64, parse_lenient, post_json};
-use testkit::{TestProxy, admin_sessions, client, metric_sum, within};
+use testkit::{Summary, TestProxy, admin_sessions, client, metric_sum, within};
 
 /// Lease TTL, seconds.
 const TTL: i64 = 5;
@@ -141,63 +140,13 @@ impl Setup {
             .unwrap_or_default()
     }
 
-    /// A summary of this workload, to fill in and print.
+    /// A summary of this workload, to fill in and print: `writes` are puts,
+    /// `faults` answers dropped after etcd handled the request, `lost` puts
+    /// answered 200 whose key etcd does not hold, `duplicated` writes etcd
+    /// applied more than once (a key's `version` over 1, or the revision
+    /// advancing by more than the writes); heartbeats are keepalives.
     fn summary(&self, workload: &'static str) -> Summary {
-        Summary {
-            workload,
-            started: self.started,
-            sessions: 0,
-            writes: 0,
-            faults: 0,
-            lost: 0,
-            duplicated: 0,
-            client_errors: 0,
-        }
-    }
-}
-
-/// One workload's closing numbers.
-///
-/// - `writes`: puts the client sent;
-/// - `faults`: answers the fault proxy dropped after etcd handled the request;
-/// - `lost`: puts answered 200 whose key etcd does not hold;
-/// - `duplicated`: writes that etcd applied more than once (a key's
-///   `version` over 1, or the revision advancing by more than the writes);
-/// - `client_errors`: non-2xx answers to the client other than the 502s that
-///   report a dropped answer (those are the faults, reported as promised);
-/// - `heartbeats_per_session_minute`: keepalives on the wire tap, per
-///   session tracked and minute since the proxy started.
-struct Summary {
-    workload: &'static str,
-    started: Instant,
-    sessions: usize,
-    writes: usize,
-    faults: usize,
-    lost: usize,
-    duplicated: usize,
-    client_errors: usize,
-}
-
-impl Summary {
-    /// Prints the line to the process's stderr (past libtest's capture, so
-    /// it shows in a passing run too).
-    fn print(&self, heartbeats_on_the_wire: usize) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        let per_session_minute =
-            heartbeats_on_the_wire as f64 * 60.0 / (self.sessions.max(1) as f64 * seconds);
-        let _ = writeln!(
-            std::io::stderr(),
-            "profile etcd: writes={} faults={} lost={} duplicated={} client_errors={} \
-             heartbeats_per_session_minute={per_session_minute:.1} \
-             workload={} sessions={} heartbeats={heartbeats_on_the_wire} seconds={seconds:.1}",
-            self.writes,
-            self.faults,
-            self.lost,
-            self.duplicated,
-            self.client_errors,
-            self.workload,
-            self.sessions,
-        );
+        Summary::new("etcd", workload, self.started)
     }
 }
 

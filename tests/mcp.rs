@@ -25,7 +25,6 @@
 //! skips these loudly when the venv is missing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ use tokio::time::Instant;
 use serde_json::{Value, json};
 use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, FramedRequest, Pick};
 use testkit::real_servers::{McpServer, McpStats, parse_lenient};
-use testkit::{TestProxy, admin_sessions, client, metric_sum, within};
+use testkit::{Summary, TestProxy, admin_sessions, client, metric_sum, within};
 
 /// The SDK's `session_idle_timeout`.
 const IDLE: Duration = Duration::from_millis(2500);
@@ -95,73 +94,23 @@ impl Setup {
         metric_sum(&self.proxy.metrics().await, "idemproxy_heartbeats_total")
     }
 
-    /// A summary of this workload, to fill in and print.
+    /// A summary of this workload, to fill in and print: `writes` are tool
+    /// calls, `faults` answers dropped after the server ran the request
+    /// ([`count_runs`] fills in `lost` and `duplicated`); heartbeats are pings.
     fn summary(&self, workload: &'static str) -> Summary {
-        Summary {
-            workload,
-            started: self.started,
-            sessions: 0,
-            writes: 0,
-            faults: 0,
-            lost: 0,
-            duplicated: 0,
-            client_errors: 0,
-        }
+        Summary::new("mcp", workload, self.started)
     }
 }
 
-/// One workload's closing numbers.
-///
-/// - `writes`: tool calls the client sent;
-/// - `faults`: answers the fault proxy dropped after the server ran the request;
-/// - `lost`: tool calls answered 200 that the server never ran;
-/// - `duplicated`: tool calls the server ran more than once;
-/// - `client_errors`: non-2xx answers to the client other than the 502s that
-///   report a dropped answer (those are the faults, reported as promised);
-/// - `heartbeats_per_session_minute`: pings on the wire tap, per session
-///   tracked and minute since the proxy started.
-struct Summary {
-    workload: &'static str,
-    started: Instant,
-    sessions: usize,
-    writes: usize,
-    faults: usize,
-    lost: usize,
-    duplicated: usize,
-    client_errors: usize,
-}
-
-impl Summary {
-    /// Fills in `lost` and `duplicated` from the server's counts: `acked`
-    /// are the calls answered 200.
-    fn count_runs(&mut self, stats: &McpStats, acked: &[String]) {
-        self.lost = acked
-            .iter()
-            .filter(|id| !stats.runs.contains_key(*id))
-            .count();
-        self.duplicated = stats.runs.values().filter(|n| **n > 1).count();
-    }
-
-    /// Prints the line to the process's stderr (past libtest's capture, so
-    /// it shows in a passing run too).
-    fn print(&self, heartbeats_on_the_wire: usize) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        let per_session_minute =
-            heartbeats_on_the_wire as f64 * 60.0 / (self.sessions.max(1) as f64 * seconds);
-        let _ = writeln!(
-            std::io::stderr(),
-            "profile mcp: writes={} faults={} lost={} duplicated={} client_errors={} \
-             heartbeats_per_session_minute={per_session_minute:.1} \
-             workload={} sessions={} heartbeats={heartbeats_on_the_wire} seconds={seconds:.1}",
-            self.writes,
-            self.faults,
-            self.lost,
-            self.duplicated,
-            self.client_errors,
-            self.workload,
-            self.sessions,
-        );
-    }
+/// Fills in `lost` (tool calls answered 200 that the server never ran) and
+/// `duplicated` (calls it ran more than once) from the server's counts:
+/// `acked` are the calls answered 200.
+fn count_runs(summary: &mut Summary, stats: &McpStats, acked: &[String]) {
+    summary.lost = acked
+        .iter()
+        .filter(|id| !stats.runs.contains_key(*id))
+        .count();
+    summary.duplicated = stats.runs.values().filter(|n| **n > 1).count();
 }
 
 // ---------------------------------------------------------------------------
@@ -477,7 +426,7 @@ async fn busy_client_keeps_its_session() {
     let pings = s.pings_on_the_wire();
     summary.sessions = 1;
     summary.writes = ids.len();
-    summary.count_runs(&stats, &acked);
+    count_runs(&mut summary, &stats, &acked);
     summary.print(pings);
 
     assert_eq!(first_error, None, "a tool call failed");
@@ -519,7 +468,7 @@ async fn silent_client_keeps_its_session() {
         Ok(()) => acked.push("silent-after".to_owned()),
         Err(_) => summary.client_errors += 1,
     }
-    summary.count_runs(&stats, &acked);
+    count_runs(&mut summary, &stats, &acked);
     summary.print(s.pings_on_the_wire());
 
     if let Err(e) = recorded(&after, "silent-after") {
@@ -628,7 +577,7 @@ async fn dropped_answers_are_never_replayed() {
     summary.writes = CALLS;
     summary.faults = dropped.len();
     summary.client_errors = failed.difference(&dropped_ids).count();
-    summary.count_runs(&stats, &acked);
+    count_runs(&mut summary, &stats, &acked);
     summary.print(s.pings_on_the_wire());
 
     assert_ran_once(&stats.runs, &ids);
@@ -691,7 +640,7 @@ async fn a_dropped_tool_call_is_not_replayed_and_a_dropped_tools_list_is() {
     if recorded(&after, "after-the-faults").is_ok() {
         acked.push("after-the-faults".to_owned());
     }
-    summary.count_runs(&stats, &acked);
+    count_runs(&mut summary, &stats, &acked);
     summary.print(s.pings_on_the_wire());
 
     // The tool call: run once, not replayed, reported as maybe processed.
@@ -838,16 +787,9 @@ async fn a_session_first_seen_mid_life_gets_pings() {
         .iter()
         .filter(|r| is_ping_of(r, &mcp.session))
         .collect();
-    let mut summary = Summary {
-        workload: "first-seen-mid-life",
-        started: restarted,
-        sessions: 1,
-        writes: 2,
-        faults: 0,
-        lost: 0,
-        duplicated: 0,
-        client_errors: 0,
-    };
+    let mut summary = Summary::new("mcp", "first-seen-mid-life", restarted);
+    summary.sessions = 1;
+    summary.writes = 2;
     let mut acked = Vec::new();
     for (reply, id) in [
         (&one, "first-through-the-new-proxy"),
@@ -858,7 +800,7 @@ async fn a_session_first_seen_mid_life_gets_pings() {
             Err(_) => summary.client_errors += 1,
         }
     }
-    summary.count_runs(&stats, &acked);
+    count_runs(&mut summary, &stats, &acked);
     summary.print(pings.len());
 
     if let Err(e) = recorded(&one, "first-through-the-new-proxy") {
@@ -990,7 +932,7 @@ async fn the_stateless_revision_passes_through_untracked() {
     let stats = s.server.stats().await;
     let mut summary = s.summary("stateless-revision");
     summary.writes = 1;
-    summary.count_runs(&stats, &["stateless-call".to_owned()]);
+    count_runs(&mut summary, &stats, &["stateless-call".to_owned()]);
     summary.print(s.pings_on_the_wire());
     let sessions = admin_sessions(&s.proxy).await;
     assert!(sessions.is_empty(), "tracked: {sessions:?}");
