@@ -257,7 +257,7 @@ fn parse_line(number: usize, line: &str) -> Result<Route, RouteError> {
                 let patterns: Vec<String> = value.split('|').map(str::to_owned).collect();
                 if patterns
                     .iter()
-                    .any(|p| p.is_empty() || p == "*" || p[1..].contains('*'))
+                    .any(|p| p.is_empty() || p == "*" || p.chars().skip(1).any(|c| c == '*'))
                 {
                     return Err(error(
                         word,
@@ -684,6 +684,13 @@ DELETE /v1/sessions/{sid}          session=path:sid session-end
             (
                 "POST /t verify=same match-ignore=a*b",
                 "match-ignore=a*b",
+                "match-ignore=NAME",
+            ),
+            // A name that starts with a multi-byte character is read by
+            // characters, never cut inside one.
+            (
+                "POST /t verify=same match-ignore=é*",
+                "match-ignore=é*",
                 "match-ignore=NAME",
             ),
             (
