@@ -30,8 +30,8 @@ use tokio::time::Instant;
 
 use serde_json::{Value, json};
 use testkit::fault_proxy::{DropAfter, FaultPlan, FaultProxy, Pick};
-use testkit::real_servers::{Etcd, base64, json_i64, parse_lenient, post_json};
-use testkit::{Summary, TestProxy, admin_sessions, client, metric_sum, within};
+use testkit::real_servers::{Etcd, base64, json_i64, post_json, post_json_with_headers};
+use testkit::{Summary, TestProxy, admin_sessions, metric_sum, within};
 
 /// Lease TTL, seconds.
 const TTL: i64 = 5;
@@ -168,26 +168,12 @@ fn drop_first_of_each(prefixes: &'static [&'static str]) -> FaultPlan {
 
 /// `POST url` with a JSON body: status, `x-idemproxy-attempts`, body.
 async fn post_with_attempts(url: &str, body: &Value) -> (u16, Option<String>, Value) {
-    let resp = within(
-        &format!("POST {url}"),
-        client()
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = resp.status().as_u16();
-    let attempts = resp
-        .headers()
+    let (status, headers, doc) = post_json_with_headers(url, body).await;
+    let attempts = headers
         .get("x-idemproxy-attempts")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let text = within("response body", resp.text())
-        .await
-        .unwrap_or_default();
-    (status, attempts, parse_lenient(&text))
+    (status, attempts, doc)
 }
 
 /// Busy client, a put under the lease every second for 12 s (TTL 5 s): every put succeeds and the lease survives.

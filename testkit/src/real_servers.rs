@@ -344,6 +344,12 @@ impl Etcd {
 /// `POST url` with a JSON body; returns the status and the body as JSON
 /// (`Value::Null` for an empty body, a string for a body that is not JSON).
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let (status, _, doc) = post_json_with_headers(url, body).await;
+    (status, doc)
+}
+
+/// [`post_json`], with the answer's headers too.
+pub async fn post_json_with_headers(url: &str, body: &Value) -> (u16, http::HeaderMap, Value) {
     let resp = within(
         &format!("POST {url}"),
         client()
@@ -355,10 +361,11 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
     .await
     .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let text = within("response body", resp.text())
         .await
         .unwrap_or_default();
-    (status, parse_lenient(&text))
+    (status, headers, parse_lenient(&text))
 }
 
 /// The text as JSON; `Null` when blank, a JSON string when not JSON.
