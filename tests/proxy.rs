@@ -1052,6 +1052,72 @@ async fn silent_client_is_cut_off_after_the_header_read_timeout() {
     }
 }
 
+/// A keep-alive connection idle for longer than the idle grace (its
+/// buffers given back) answers its next request, and one whose next head
+/// was half sent before the pause is answered once the rest arrives.
+#[tokio::test]
+async fn connections_idle_past_the_grace_keep_answering() {
+    let upstream = ok_upstream().await;
+    let proxy = TestProxy::start(&upstream.url(), &[]).await;
+    let get = b"GET /idle HTTP/1.1\r\nHost: proxy\r\n\r\n";
+    let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut split = TcpStream::connect(proxy.addr).await.unwrap();
+    write_all(&mut plain, get).await;
+    write_all(
+        &mut split,
+        b"GET /first HTTP/1.1\r\nHost: proxy\r\n\r\nGET /sec",
+    )
+    .await;
+    for conn in [&mut plain, &mut split] {
+        let resp = within("the first answer", read_response(conn))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+    }
+    // Two grace periods: both connections are parked.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    write_all(&mut plain, get).await;
+    write_all(&mut split, b"ond HTTP/1.1\r\nHost: proxy\r\n\r\n").await;
+    for conn in [&mut plain, &mut split] {
+        let resp = within("the answer after the pause", read_response(conn))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.head);
+    }
+    let targets: Vec<String> = upstream
+        .requests
+        .lines()
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        .collect();
+    assert!(targets.contains(&"/second".to_string()), "{targets:?}");
+    assert_eq!(targets.len(), 4, "{targets:?}");
+}
+
+/// On shutdown, a keep-alive connection idle past the grace is closed at
+/// once: the drain does not wait for it.
+#[tokio::test]
+async fn shutdown_closes_parked_idle_connections_at_once() {
+    let upstream = ok_upstream().await;
+    let proxy = TestProxy::start(&upstream.url(), &[]).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    write_all(&mut conn, b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n").await;
+    let resp = within("the answer", read_response(&mut conn))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let started = Instant::now();
+    proxy.stop().await;
+    let closed = within("the idle connection to close", read_until_closed(&mut conn)).await;
+    assert!(closed.is_empty(), "{closed:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+}
+
 /// With `--max-connections 1`, a second concurrent connection gets 503 JSON
 /// and is closed, the first keeps working, and once it closes a new one is served.
 #[tokio::test]

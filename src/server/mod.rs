@@ -1,26 +1,40 @@
 //! Accepting client connections: HTTP/1.1 and h2c on one port, limits on
 //! connections, head size and head read time, and graceful draining.
+//!
+//! Each connection runs in one task (the `connection` module). An idle
+//! HTTP/1.1 connection gives hyper's read and write buffers back (after a
+//! second, or at once when many connections hold them) and waits for its
+//! next bytes as a bare socket.
+
+mod connection;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tokio::sync::{Semaphore, watch};
+use tracing::{info, warn};
 
-use crate::extensions::RemoteAddr;
 use crate::proxy::Proxy;
 
 pub use crate::config::ServerLimits;
 
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 85\r\n\r\n{\"error\":\"too_many_connections\",\"detail\":\"idemproxy is at IDEMPROXY_MAX_CONNECTIONS\"}";
+
+/// What every connection task shares: the protocol settings and the proxy.
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    proxy: Proxy,
+    /// HTTP/1.1 connections holding hyper's buffers now.
+    buffered: AtomicUsize,
+}
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
 /// accepting, lets in-flight requests finish within the drain timeout, and returns.
@@ -30,19 +44,26 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_size)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let protocols = Arc::new(Protocols {
+        http1,
+        http2,
+        header_read_timeout: limits.header_read_timeout,
+        proxy: proxy.clone(),
+        buffered: AtomicUsize::new(0),
+    });
+    // Every connection task holds a receiver: `true` asks it to finish its
+    // request and close, and the sender sees all of them gone once drained.
+    let (drain, draining) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -66,48 +87,22 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let open = proxy.metrics().connections_open.clone();
-        let conn_proxy = proxy.clone();
-        // hyper's header read timeout only starts once the protocol is detected, so a
-        // client that sends nothing (or half an h2 preface) would hold its connection
-        // slot forever: its first request must arrive within the header read timeout.
-        let first_request = Arc::new(Notify::new());
-        let arrived = first_request.clone();
-        let svc = service_fn(move |mut req| {
-            arrived.notify_one();
-            req.extensions_mut().insert(RemoteAddr(remote));
-            conn_proxy.serve(req)
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        // Boxed once here: an idle keep-alive connection then costs its
-        // connection state (~1.7 KiB) plus a small task, where moving the
-        // connection into the task's async blocks kept two more copies of
-        // that space in the task (5.5 KiB a connection in all).
-        let mut conn = Box::pin(graceful.watch(conn.into_owned()));
-        let header_read_timeout = limits.header_read_timeout;
+        let protocols = protocols.clone();
+        let draining = draining.clone();
         tokio::spawn(async move {
             open.inc();
-            let served = async {
-                let first = tokio::time::timeout(header_read_timeout, first_request.notified());
-                tokio::select! {
-                    result = conn.as_mut() => return result,
-                    in_time = first => if in_time.is_err() {
-                        debug!(%remote, "no request within the header read timeout; closing");
-                        return Ok(());
-                    },
-                }
-                conn.await
-            };
-            if let Err(e) = served.await {
-                debug!(%remote, error = %e, "client connection ended with an error");
-            }
+            connection::serve(stream, remote, &protocols, draining).await;
             open.dec();
             drop(permit);
         });
     }
     drop(listener);
+    drop(draining);
     info!(drain_timeout = ?limits.drain_timeout, "draining client connections");
+    // No receiver left means no connection left; a failed send means the same.
+    let _ = drain.send(true);
     tokio::select! {
-        () = graceful.shutdown() => info!("all client connections drained"),
+        () = drain.closed() => info!("all client connections drained"),
         () = tokio::time::sleep(limits.drain_timeout) => warn!("drain timeout reached; closing remaining connections"),
     }
 }
