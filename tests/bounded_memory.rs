@@ -124,3 +124,59 @@ async fn oversized_sessions_and_keys_keep_memory_bounded() {
     assert!(grown < 24.0, "RSS grew by {grown:.1} MiB");
     eprintln!("idemproxy RSS grew by {grown:.1} MiB (before {before:.1} MiB)");
 }
+
+/// 500 keep-alive connections that each made one request and then went idle
+/// give back hyper's read and write buffers (16 KiB a connection) after the
+/// idle grace, so they add under 4 MiB to the binary; each still answers its
+/// next request on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_hold_no_buffers_and_still_answer() {
+    const CONNECTIONS: usize = 500;
+    let upstream = forgetful_upstream().await;
+    let mut cmd = idemproxy_command();
+    cmd.env("IDEMPROXY_UPSTREAM", &upstream)
+        .env("IDEMPROXY_LISTEN", "127.0.0.1:0")
+        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("IDEMPROXY_WORKERS", "1");
+    let proxy = spawn_binary(cmd).await;
+    let (pid, listen) = (proxy.pid, proxy.listen);
+    let get = format!("GET /v1/state HTTP/1.1\r\nHost: {listen}\r\n\r\n");
+    let exchange = |mut conn: tokio::net::TcpStream| {
+        let get = get.clone();
+        async move {
+            write_all(&mut conn, get.as_bytes()).await;
+            let status = read_response(&mut conn).await.map_or(0, |r| r.status);
+            (conn, status)
+        }
+    };
+    // Warm-up: the allocator's and the runtime's first pages.
+    let warm = tokio::net::TcpStream::connect(listen).await.unwrap();
+    assert_eq!(within("warm-up", exchange(warm)).await.1, 200);
+    let before = rss_mib(pid);
+
+    let opened: Vec<_> = futures_util::stream::iter(0..CONNECTIONS)
+        .map(|_| async {
+            let conn = tokio::net::TcpStream::connect(listen).await.unwrap();
+            exchange(conn).await
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(opened.iter().all(|(_, status)| *status == 200));
+    // Two idle grace periods and a little: every connection is parked.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let added = rss_mib(pid) - before;
+    eprintln!("{CONNECTIONS} idle connections added {added:.2} MiB (before {before:.1} MiB)");
+    assert!(
+        added < 4.0,
+        "{CONNECTIONS} idle connections added {added:.2} MiB"
+    );
+
+    let again: Vec<_> = futures_util::stream::iter(opened)
+        .map(|(conn, _)| exchange(conn))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let alive = again.iter().filter(|(_, status)| *status == 200).count();
+    assert_eq!(alive, CONNECTIONS, "idle connections stopped answering");
+}
