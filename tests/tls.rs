@@ -182,6 +182,60 @@ async fn http2_to_the_tls_upstream_is_negotiated_by_alpn() {
     }
 }
 
+/// A TLS upstream offering `h2`: eight requests sent at once before any
+/// connection exists, then eight more one after another, all travel over one
+/// shared HTTP/2 connection.
+#[tokio::test]
+async fn http2_requests_share_one_tls_connection() {
+    let pki = TestPki::new("idemproxy test CA");
+    let dir = TempDir::new();
+    let ca = dir.write("ca.pem", &pki.ca_pem);
+    let upstream = tls_upstream(&pki, &["h2", "http/1.1"], None).await;
+    let proxy = TestProxy::start(
+        &upstream.url(),
+        &["--upstream-ca-file", ca.to_str().unwrap()],
+    )
+    .await;
+    let burst = (0..8).map(|n| {
+        let url = proxy.url(&format!("/burst/{n}"));
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    let answers = within(
+        "eight requests at once",
+        futures_util::future::join_all(burst),
+    )
+    .await;
+    for (n, answer) in answers.iter().enumerate() {
+        assert_eq!(answer, &format!("secure /burst/{n}"));
+    }
+    let client = client();
+    for n in 0..8 {
+        let resp = client
+            .get(proxy.url(&format!("/seq/{n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.text().await.unwrap(), format!("secure /seq/{n}"));
+    }
+    assert!(
+        upstream
+            .requests
+            .all()
+            .iter()
+            .all(|r| r.version == Version::HTTP_2)
+    );
+    assert_eq!(upstream.connections(), 1);
+}
+
 /// A TLS upstream offering only `http/1.1` is spoken to in HTTP/1.1.
 #[tokio::test]
 async fn http1_only_tls_upstream_gets_http1() {
