@@ -236,6 +236,35 @@ async fn http2_requests_share_one_tls_connection() {
     assert_eq!(upstream.connections(), 1);
 }
 
+/// An https upstream that takes 300 ms to fail each TLS handshake: eight
+/// requests sent at once wait for the one connect in progress and all get
+/// its 502 (nothing was sent), instead of connecting one after another.
+#[tokio::test]
+async fn requests_waiting_for_a_failing_connect_share_its_error() {
+    let upstream = raw_upstream(|stream| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        drop(stream);
+    })
+    .await;
+    let url = format!("https://{}", upstream.addr);
+    let proxy = TestProxy::start(&url, &["--max-attempts", "1"]).await;
+    let burst = (0..8).map(|_| {
+        let url = proxy.url("/");
+        async move { client().get(url).send().await.unwrap() }
+    });
+    let answers = within(
+        "eight failing requests",
+        futures_util::future::join_all(burst),
+    )
+    .await;
+    for resp in answers {
+        assert_eq!(resp.status(), 502);
+        let json: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        assert_eq!(json["may_have_been_processed"], false, "{json}");
+    }
+    assert_eq!(upstream.connections(), 1);
+}
+
 /// A TLS upstream offering only `http/1.1` is spoken to in HTTP/1.1.
 #[tokio::test]
 async fn http1_only_tls_upstream_gets_http1() {

@@ -10,6 +10,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::BoxError;
@@ -37,6 +38,14 @@ impl UpstreamError {
         Self {
             stage: Stage::Connect,
             cause: cause.into(),
+        }
+    }
+
+    /// The same failure as `shared`'s, for a request that waited for it.
+    pub(super) fn shared(shared: Arc<UpstreamError>) -> Self {
+        Self {
+            stage: shared.stage,
+            cause: Box::new(Shared(shared)),
         }
     }
 
@@ -74,6 +83,23 @@ impl fmt::Display for UpstreamError {
 impl StdError for UpstreamError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&*self.cause)
+    }
+}
+
+/// The cause of a failure that several requests share: it reads as the
+/// cause, which comes next in its chain.
+#[derive(Debug)]
+struct Shared(Arc<UpstreamError>);
+
+impl fmt::Display for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0.cause, f)
+    }
+}
+
+impl StdError for Shared {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0.cause)
     }
 }
 
@@ -212,6 +238,18 @@ mod tests {
             error_kind(UpstreamError::connect(reset()), Duration::ZERO).kind(),
             "connect"
         );
+    }
+
+    /// A shared connect failure reads and classifies like the original.
+    #[test]
+    fn shared_failure_reads_and_classifies_like_the_original() {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        let original = UpstreamError::connect(timed_out());
+        let text = original.to_string();
+        let shared = UpstreamError::shared(Arc::new(UpstreamError::connect(timed_out())));
+        assert_eq!(shared.to_string(), text);
+        let err = error_kind(shared, Duration::from_secs(3));
+        assert_eq!(err.kind(), "connect_timeout");
     }
 
     /// The message names the stage and each cause once.

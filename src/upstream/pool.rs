@@ -22,8 +22,10 @@
 //! closes or receives a GOAWAY, and expires like an idle connection when no
 //! request used it for the idle timeout. An https upstream that spoke
 //! HTTP/2 last time (or that has not been reached yet) is connected to by one
-//! request at a time, and whoever waited takes the new shared connection: a
-//! burst of first requests opens one connection, not one each.
+//! request at a time, and whoever waited shares its outcome, the new
+//! connection or the error: a burst of first requests opens one connection,
+//! not one each, and while the upstream is unreachable no request waits for
+//! more than one connect.
 //!
 //! A request that fails on a reused connection before a byte of it was
 //! written (hyper hands such a request back) is sent once more on a fresh
@@ -108,6 +110,9 @@ struct State {
     shared_h2: Option<SharedH2>,
     /// The id the next HTTP/2 connection gets.
     next_h2_id: u64,
+    /// Why the last connect that others waited for failed (cleared when
+    /// the next one starts).
+    h2_failure: Option<Arc<UpstreamError>>,
     /// Whether a sweep task is running.
     sweeping: bool,
 }
@@ -336,18 +341,42 @@ impl Pool {
     }
 
     /// A new connection. To an upstream expected to speak HTTP/2, one
-    /// request connects at a time and the others take the shared connection
-    /// it made (unless it is `stale_h2`, the one that just failed).
+    /// request connects at a time; the others wait for its outcome and
+    /// share it: the connection (unless it is `stale_h2`, the one that just
+    /// failed), or the error. So a burst opens one connection, and while the
+    /// upstream is unreachable nobody waits for more than one connect.
     async fn connect(self: &Arc<Self>, stale_h2: Option<u64>) -> Result<Conn, UpstreamError> {
-        let _one_at_a_time = if self.expect_h2.load(Ordering::Relaxed) {
-            let guard = self.connecting_h2.lock().await;
+        if !self.expect_h2.load(Ordering::Relaxed) {
+            return self.open().await;
+        }
+        let Ok(_one_at_a_time) = self.connecting_h2.try_lock() else {
+            drop(self.connecting_h2.lock().await);
             if let Some(conn) = self.shared_h2_except(stale_h2) {
                 return Ok(conn);
             }
-            Some(guard)
-        } else {
-            None
+            if let Some(failure) = self.lock().h2_failure.clone() {
+                return Err(UpstreamError::shared(failure));
+            }
+            // It spoke HTTP/1.1, or its connection is already gone.
+            return self.open().await;
         };
+        // Another request may have connected since this one's checkout.
+        if let Some(conn) = self.shared_h2_except(stale_h2) {
+            return Ok(conn);
+        }
+        self.lock().h2_failure = None;
+        match self.open().await {
+            Ok(conn) => Ok(conn),
+            Err(e) => {
+                let failure = Arc::new(e);
+                self.lock().h2_failure = Some(failure.clone());
+                Err(UpstreamError::shared(failure))
+            }
+        }
+    }
+
+    /// Connects, and starts the task that drives the connection.
+    async fn open(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
         let io = self
             .connector
             .clone()
