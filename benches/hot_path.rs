@@ -31,7 +31,7 @@ use idemproxy::extensions::SessionId;
 use idemproxy::idempotency::{
     CacheConfig, CacheMetrics, IdempotencyCacheLayer, IdempotencyKeyLayer, KeyConfig, KeyMode,
 };
-use idemproxy::proxy::headers::{add_forwarded, strip_hop_by_hop};
+use idemproxy::proxy::headers::{add_forwarded, ip_value, strip_hop_by_hop};
 use idemproxy::retry::replay::{ReplayBody, ReplayMemory};
 use idemproxy::routes::{RouteRequest, RouteTable};
 use tower::{Layer, Service};
@@ -139,7 +139,7 @@ fn route_matching(c: &mut Criterion) {
 
 fn header_rewriting(c: &mut Criterion) {
     let headers = client_headers();
-    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client = &ip_value(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let host = HeaderValue::from_static("127.0.0.1:7480");
     let mut g = c.benchmark_group("headers");
     g.bench_function("clone_only (baseline)", |b| {

@@ -4,7 +4,6 @@
 //!
 //! | type | written by | read by |
 //! |---|---|---|
-//! | [`RemoteAddr`] | the server, per connection | the edge (`X-Forwarded-For`) |
 //! | [`Classified`] | classify (the matched route and its captures) | sessions, verify |
 //! | [`RequestPolicy`] | classify (the route's decisions) | idempotency key, verify, retry (the replay rule) |
 //! | [`SessionId`] | classify (the first request source that found one) | sessions, idempotency key (fingerprints), verify |
@@ -17,7 +16,6 @@
 //! [`BufferedBody`] lives with the read-ahead that makes it
 //! (`crate::buffered`) and is named here so that this table is whole.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,10 +24,6 @@ use tokio::time::Instant;
 
 pub use crate::buffered::BufferedBody;
 use crate::routes::{Captures, Route, RouteTable};
-
-/// The client's address, set on every request by the server.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteAddr(pub SocketAddr);
 
 /// The matched route of a request, as a request extension.
 #[derive(Clone, Debug)]

@@ -121,9 +121,11 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade:
 }
 
 /// Appends the client address to `X-Forwarded-For` and sets `-Proto` and `-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Option<HeaderValue>) {
-    let mut buf = [0_u8; IP_TEXT_MAX];
-    let ip = ip_text(client, &mut buf);
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    original_host: Option<HeaderValue>,
+) {
     // Several X-Forwarded-For lines form one list (RFC 9110 section 5.3): keep them all.
     let prev: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -132,13 +134,13 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Opt
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let xff = if prev.is_empty() {
-        HeaderValue::try_from(ip)
+    if prev.is_empty() {
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
     } else {
-        HeaderValue::try_from(format!("{}, {ip}", prev.join(", ")))
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        let ip = client.to_str().unwrap_or("");
+        if let Ok(v) = HeaderValue::try_from(format!("{}, {ip}", prev.join(", "))) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(host) = original_host {
@@ -146,6 +148,12 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Opt
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     }
+}
+
+/// `ip` as a header value, for `X-Forwarded-For`: made once per connection.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0_u8; IP_TEXT_MAX];
+    HeaderValue::from_str(ip_text(ip, &mut buf)).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The longest text of an IP address (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
@@ -227,7 +235,7 @@ mod tests {
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         add_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &ip_value("127.0.0.1".parse().unwrap()),
             Some(HeaderValue::from_static("api.local")),
         );
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");

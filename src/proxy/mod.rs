@@ -13,7 +13,7 @@
 pub mod conformance;
 pub mod headers;
 
-use crate::extensions::{ATTEMPTS_HEADER, Attempts, RemoteAddr};
+use crate::extensions::{ATTEMPTS_HEADER, Attempts};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -95,6 +95,22 @@ where
 
 pub use crate::config::EdgeOptions;
 
+/// The client end of a connection, as `X-Forwarded-For` names it: made once
+/// per connection, so a request only clones it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    /// The client at `addr`.
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            forwarded_for: headers::ip_value(addr.ip()),
+        }
+    }
+}
+
 /// The client-facing service. Cheap to clone.
 #[derive(Clone)]
 pub struct Proxy {
@@ -142,14 +158,17 @@ impl Proxy {
     pub fn serve(
         &self,
         req: Request<Incoming>,
+        client: Option<&Client>,
     ) -> BoxFuture<'static, Result<Response<ResponseBody>, Infallible>> {
         let this = self.clone();
-        Box::pin(async move { this.serve_inner(req).await })
+        let client = client.cloned();
+        Box::pin(async move { this.serve_inner(req, client.as_ref()).await })
     }
 
     async fn serve_inner(
         &self,
         req: Request<Incoming>,
+        client: Option<&Client>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let shared = &self.shared;
         let started = tokio::time::Instant::now();
@@ -157,7 +176,7 @@ impl Proxy {
         let (mut parts, incoming) = req.into_parts();
         let request_id = ensure_request_id(&mut parts.headers);
 
-        let resp = match self.prepare(&mut parts) {
+        let resp = match self.prepare(&mut parts, client) {
             Err(refusal) => refusal.into_response(&shared.upstream),
             Ok(client_upgrade) => {
                 let method = parts.method.clone();
@@ -221,6 +240,7 @@ impl Proxy {
     fn prepare(
         &self,
         parts: &mut http::request::Parts,
+        client: Option<&Client>,
     ) -> Result<Option<hyper::upgrade::OnUpgrade>, Refusal> {
         let shared = &self.shared;
         if parts.method == Method::CONNECT {
@@ -264,9 +284,8 @@ impl Proxy {
             parts.headers.insert(header::HOST, shared.host.clone());
         }
         if shared.options.forwarded_headers {
-            // The remote address is set by the server as an extension.
-            if let Some(remote) = parts.extensions.get::<RemoteAddr>() {
-                headers::add_forwarded(&mut parts.headers, remote.0.ip(), original_host);
+            if let Some(client) = client {
+                headers::add_forwarded(&mut parts.headers, &client.forwarded_for, original_host);
             }
         }
         let pq = parts

@@ -439,13 +439,15 @@ where
             Box::pin(svc.call(req));
         call.await
     };
-    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    match (try_timeout, left) {
-        (Some(per_try), left) if left.is_none_or(|left| per_try < left) => {
+    match (try_timeout, deadline) {
+        (Some(per_try), deadline)
+            if deadline.is_none_or(|d| per_try < d.saturating_duration_since(Instant::now())) =>
+        {
             let result = tokio::time::timeout(per_try, call).await;
             Ok(result.unwrap_or(Err(ProxyError::Timeout(per_try))))
         }
-        (_, Some(left)) => tokio::time::timeout(left, call)
+        // The deadline as it is: no clock read to turn it into a duration.
+        (_, Some(deadline)) => tokio::time::timeout_at(deadline, call)
             .await
             .map_err(|_| DeadlinePassed),
         (_, None) => Ok(call.await),

@@ -42,8 +42,7 @@ use tokio::time::Sleep;
 use tracing::debug;
 
 use super::Protocols;
-use crate::extensions::RemoteAddr;
-use crate::proxy::{Proxy, ResponseBody};
+use crate::proxy::{Client, Proxy, ResponseBody};
 
 /// How long an HTTP/1.1 connection waits for its next request with hyper's
 /// buffers before it gives them back: busy connections keep them, a
@@ -131,12 +130,12 @@ async fn drained(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|drain| *drain).await;
 }
 
-/// The per-connection service: the proxy, with the client's address noted on
-/// each request and each answer counted until its body ends.
+/// The per-connection service: the proxy, told the client's address, with
+/// each answer counted until its body ends.
 #[derive(Clone)]
 struct ProxyService {
     proxy: Proxy,
-    remote: SocketAddr,
+    client: Client,
     state: Arc<ConnState>,
 }
 
@@ -144,7 +143,7 @@ impl ProxyService {
     fn new(remote: SocketAddr, protocols: &Protocols, state: &Arc<ConnState>) -> Self {
         Self {
             proxy: protocols.proxy.clone(),
-            remote,
+            client: Client::new(remote),
             state: state.clone(),
         }
     }
@@ -155,11 +154,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Error = Infallible;
     type Future = Answering;
 
-    fn call(&self, mut req: Request<Incoming>) -> Answering {
+    fn call(&self, req: Request<Incoming>) -> Answering {
         let answer = Answer::start(&self.state);
-        req.extensions_mut().insert(RemoteAddr(self.remote));
         Answering {
-            served: self.proxy.serve(req),
+            served: self.proxy.serve(req, Some(&self.client)),
             answer: Some(answer),
         }
     }
