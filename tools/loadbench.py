@@ -23,8 +23,13 @@ Settings come from the environment (defaults in brackets): DURATION [8] seconds
 per run, ROUNDS [3], CONNS [64], DL_CONNS [4], IDLE_CONNS [1000], WAIT_QUIET [1200]
 seconds to wait for a 1-minute load under 0.6 before starting, TARGETS and
 SCENARIOS (comma lists, to run a subset), OUT [benches/results], IDEMPROXY_BIN [target/release/idemproxy],
-BASELINE_BIN (another idemproxy binary, run as target "idemproxy-baseline" for before/after comparisons).
-`--help` prints this text and exits. The pure parts (configurations, wrk output,
+BASELINE_BIN (another idemproxy binary, run as target "idemproxy-baseline" for before/after comparisons),
+WORKERS [1] per proxy (IDEMPROXY_WORKERS, nginx worker_processes, HAProxy nbthread;
+the pinning follows, see proxy_cores()).
+`--help` prints this text and exits. `--print-config TARGET PORT UPSTREAM_PORT`
+prints one target's generated configuration (nginx.conf, haproxy.cfg, or
+idemproxy's variables) without running anything; benches/instructions.sh and
+tools/latency.py start the same configurations. The pure parts (configurations, wrk output,
 summary, checks, Markdown) are tested by tools/test_loadbench.py.
 """
 
@@ -58,18 +63,45 @@ ALL_TARGETS = ["direct", "idemproxy", "idemproxy-plain", "idemproxy-full", "ngin
 TARGETS = [t for t in os.environ.get("TARGETS", ",".join(ALL_TARGETS)).split(",") if t]
 ALL_SCENARIOS = ["get", "post", "download", "idle"]
 SCENARIOS = [s for s in os.environ.get("SCENARIOS", ",".join(ALL_SCENARIOS)).split(",") if s]
+WORKERS = int(os.environ.get("WORKERS", "1"))
 DOWNLOAD_TARGETS = ["direct", "idemproxy", "nginx", "haproxy", "idemproxy-baseline"]
 # A second idemproxy binary (e.g. the build before a change) run as target
 # "idemproxy-baseline" with the default settings.
 BASELINE_BIN = os.environ.get("BASELINE_BIN")
 
-# The split of the two cores. The proxy under test owns core 1 alone, so its
-# throughput, latency and CPU are its own; the load generator and the upstream
-# share core 0 (the upstream answers from memory and is cheap). With fewer
-# than two cores nothing is pinned.
 NCPU = os.cpu_count() or 1
-PROXY_CORE = "1" if NCPU >= 2 else None
-LOAD_CORE = "0" if NCPU >= 2 else None
+
+
+def proxy_cores(ncpu, workers):
+    """(proxy cores, load cores) as taskset lists. The load generator and the
+    upstream share core 0 (the upstream answers from memory and is cheap). The
+    proxy under test owns cores 1..workers alone when there are that many, so
+    its throughput, latency and CPU are its own; with fewer (WORKERS=2 on 2
+    cores) it may run on every core, core 0 included, and its figures share
+    that core with the load. With one core nothing is pinned."""
+    if ncpu < 2:
+        return None, None
+    if workers < ncpu:
+        return ("1" if workers == 1 else f"1-{workers}"), "0"
+    return f"0-{ncpu - 1}", "0"
+
+
+def core_list(spec):
+    """The cores of a taskset list: "1" -> [1], "0-2" -> [0, 1, 2], "0,3" -> [0, 3]."""
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def cores_label(spec):
+    if spec is None:
+        return "not pinned"
+    return ("core " if len(core_list(spec)) == 1 else "cores ") + spec
+
+
+PROXY_CORE, LOAD_CORE = proxy_cores(NCPU, WORKERS)
 
 GET_PATH = "/v1/sessions/bench-1/state"
 POST_PATH = "/v1/sessions/bench-1/entries"
@@ -97,6 +129,7 @@ GET    /v1/sessions/{sid}/state           session=path:sid
 POST   /v1/sessions/{sid}/entries         session=path:sid
 """
 
+WORK = None  # the run's temporary directory (configurations, logs, temp paths)
 started = []  # Popen objects, stopped in reverse order on exit
 PIDFILE = os.environ.get("LOADBENCH_PIDFILE")
 
@@ -293,7 +326,7 @@ http {{
 """
 
 
-def nginx_proxy_conf(port, upstream_port):
+def nginx_proxy_conf(port, upstream_port, workers=1):
     # Retries like idemproxy's defaults: 5 attempts, on errors, timeouts and
     # 500/502/503/504, for every method (non_idempotent), the request body kept
     # for replay (proxy_request_buffering on, nginx's default). With one
@@ -305,7 +338,7 @@ def nginx_proxy_conf(port, upstream_port):
     # log: idemproxy and HAProxy here log no line per request either.
     servers = "\n".join(f"        server 127.0.0.1:{upstream_port} max_fails=0;" for _ in range(5))
     return f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {WORK}/nginx.pid;
 error_log {WORK}/nginx-error.log warn;
@@ -350,14 +383,14 @@ http {{
 """
 
 
-def haproxy_conf(port, upstream_port):
+def haproxy_conf(port, upstream_port, workers=1):
     # Retries like idemproxy's defaults: 4 retries (5 attempts) on connection
     # failures, empty responses, timeouts and 500/502/503/504; HAProxy keeps
     # the request (up to its 16 KiB buffer) to replay it. Responses stream;
     # server connections are reused. POST and PATCH without a key get a UUID.
     return f"""
 global
-    nbthread 1
+    nbthread {workers}
     maxconn 8192
 defaults
     mode http
@@ -383,7 +416,7 @@ backend be
 """
 
 
-def idemproxy_env(variant, port, admin, upstream_port):
+def idemproxy_env(variant, port, admin, upstream_port, workers=1):
     env = dict(os.environ)
     for k in list(env):
         if k.startswith("IDEMPROXY_") or k == "RUST_LOG":
@@ -392,7 +425,7 @@ def idemproxy_env(variant, port, admin, upstream_port):
         IDEMPROXY_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
         IDEMPROXY_LISTEN=f"127.0.0.1:{port}",
         IDEMPROXY_ADMIN_LISTEN=f"127.0.0.1:{admin}",
-        IDEMPROXY_WORKERS="1",
+        IDEMPROXY_WORKERS=str(workers),
         IDEMPROXY_LOG="warn",
         IDEMPROXY_LOG_FORMAT="text",
         IDEMPROXY_DRAIN_TIMEOUT="1s",
@@ -409,6 +442,27 @@ def idemproxy_env(variant, port, admin, upstream_port):
     return env
 
 
+# ---------------------------------------------------------------- requests
+
+
+def post_body():
+    """The POST scenario's 1,024-byte JSON document."""
+    doc = '{"uuid":"2f1c8a54-5d0e-4b7e-9a51-6f0f0c4b1d2e","text":"' + "x" * (1024 - 55 - 2) + '"}'
+    assert len(doc) == 1024, len(doc)
+    return doc
+
+
+def raw_request(scenario, host="127.0.0.1"):
+    """The bytes of one GET or POST request of the scenario, with the common
+    headers, as a client that writes its own requests sends them."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in COMMON_HEADERS.items())
+    if scenario == "post":
+        doc = post_body()
+        return (f"POST {POST_PATH} HTTP/1.1\r\nHost: {host}\r\n{head}Content-Type: application/json\r\n"
+                f"Content-Length: {len(doc)}\r\n\r\n{doc}").encode()
+    return f"GET {GET_PATH} HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode()
+
+
 # ---------------------------------------------------------------- wrk
 
 
@@ -417,8 +471,7 @@ def wrk_script(scenario):
     for k, v in COMMON_HEADERS.items():
         lines.append(f'wrk.headers["{k}"] = "{v}"')
     if scenario == "post":
-        doc = '{"uuid":"2f1c8a54-5d0e-4b7e-9a51-6f0f0c4b1d2e","text":"' + "x" * (1024 - 55 - 2) + '"}'
-        assert len(doc) == 1024, len(doc)
+        doc = post_body()
         lines += ['wrk.method = "POST"', f"wrk.body = '{doc}'", 'wrk.headers["Content-Type"] = "application/json"']
     lines.append(
         """
@@ -615,22 +668,22 @@ def main():
     for variant in ["idemproxy", "idemproxy-plain", "idemproxy-full"]:
         if variant in TARGETS:
             port, admin = free_port(), free_port()
-            p = start(variant, [binary], PROXY_CORE, env=idemproxy_env(variant, port, admin, up_port))
+            p = start(variant, [binary], PROXY_CORE, env=idemproxy_env(variant, port, admin, up_port, WORKERS))
             targets[variant] = {"port": port, "proc": p}
     if BASELINE_BIN:
         # Another build with idemproxy's default settings, interleaved with the
         # others: a before/after comparison of a change within one run.
         port, admin = free_port(), free_port()
-        p = start("idemproxy-baseline", [BASELINE_BIN], PROXY_CORE, env=idemproxy_env("idemproxy", port, admin, up_port))
+        p = start("idemproxy-baseline", [BASELINE_BIN], PROXY_CORE, env=idemproxy_env("idemproxy", port, admin, up_port, WORKERS))
         targets["idemproxy-baseline"] = {"port": port, "proc": p}
     if "nginx" in TARGETS:
         port = free_port()
-        conf = write(os.path.join(WORK, "nginx.conf"), nginx_proxy_conf(port, up_port))
+        conf = write(os.path.join(WORK, "nginx.conf"), nginx_proxy_conf(port, up_port, WORKERS))
         p = start("nginx", [nginx_bin, "-p", WORK, "-c", conf, "-e", f"{WORK}/nginx-error.log"], PROXY_CORE)
         targets["nginx"] = {"port": port, "proc": p}
     if "haproxy" in TARGETS:
         port = free_port()
-        conf = write(os.path.join(WORK, "haproxy.cfg"), haproxy_conf(port, up_port))
+        conf = write(os.path.join(WORK, "haproxy.cfg"), haproxy_conf(port, up_port, WORKERS))
         p = start("haproxy", [haproxy_bin, "-f", conf, "-db"], PROXY_CORE)
         targets["haproxy"] = {"port": port, "proc": p}
 
@@ -707,9 +760,10 @@ def main():
             "download_conns": DL_CONNS,
             "idle_conns": IDLE_CONNS,
             "wrk_threads": 1,
+            "workers": WORKERS,
             "pinning": {
-                "proxy_under_test": f"core {PROXY_CORE}" if PROXY_CORE else "not pinned",
-                "wrk_upstream_idle_client": f"core {LOAD_CORE}" if LOAD_CORE else "not pinned",
+                "proxy_under_test": cores_label(PROXY_CORE),
+                "wrk_upstream_idle_client": cores_label(LOAD_CORE),
             },
             "order": "each round runs every scenario on every target in turn (A B C A B C ...); the figure is the median over rounds (peak RSS: the maximum)",
         },
@@ -727,6 +781,12 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def busy(run, spec):
+    """A run's mean busy % over the cores of a taskset list."""
+    cores = core_list(spec)
+    return sum(run["cores_busy_pct"].get(f"cpu{c}", 0) for c in cores) / len(cores)
+
+
 def summarize(results):
     summary = {}
     for scenario, per_target in results["runs"].items():
@@ -742,8 +802,8 @@ def summarize(results):
                 "p99_ms": med([r["p99_us"] / 1000 for r in rs]),
                 "mib_per_s": med([r["bytes"] / (r["duration_us"] / 1e6) / (1 << 20) for r in rs]),
                 "errors": sum(r["errors"] for r in rs),
-                "proxy_core_busy_pct": med([r["cores_busy_pct"].get(f"cpu{PROXY_CORE}", 0) for r in rs]) if PROXY_CORE else None,
-                "load_core_busy_pct": med([r["cores_busy_pct"].get(f"cpu{LOAD_CORE}", 0) for r in rs]) if LOAD_CORE else None,
+                "proxy_core_busy_pct": med([busy(r, PROXY_CORE) for r in rs]) if PROXY_CORE else None,
+                "load_core_busy_pct": med([busy(r, LOAD_CORE) for r in rs]) if LOAD_CORE else None,
             }
             if rs[0]["hwm_kib"] is not None:
                 s["cpu_s_per_100k"] = med([r["cpu_s"] / r["requests"] * 100_000 for r in rs])
@@ -820,6 +880,10 @@ def markdown(results):
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_mib'] // 1024} GiB, Linux {m['kernel']}, Debian {m['debian']}.  ",
         f"Versions: idemproxy {v['idemproxy']} ({v['rustc']}), {v['nginx']}, {v['haproxy']}, {v['wrk']}.  ",
         f"Pinning: proxy under test on {st['pinning']['proxy_under_test']}; wrk (1 thread), upstream nginx and the idle-connection client on {st['pinning']['wrk_upstream_idle_client']}.  ",
+    ]
+    if st.get("workers", 1) != 1:
+        lines.append(f"Workers: {st['workers']} per proxy (IDEMPROXY_WORKERS, nginx worker_processes, HAProxy nbthread); the upstream has 1.  ")
+    lines += [
         f"Load: wrk, {st['conns']} connections ({st['download_conns']} for the download), {st['duration_s']} s per run, {st['rounds']} rounds interleaved; medians over rounds.  ",
         f"1-min load average at start: {q['load1_at_start']}" + ("" if q["quiet"] else " — **the machine was NOT quiet: other jobs were running, figures are noisy**") + ".",
         "",
@@ -894,11 +958,44 @@ def markdown(results):
     return "\n".join(lines)
 
 
+PROXY_TARGETS = ["idemproxy", "idemproxy-plain", "idemproxy-full", "nginx", "haproxy"]
+
+
+def print_config(argv):
+    """`--print-config TARGET PORT UPSTREAM_PORT [--admin PORT] [--work DIR]
+    [--workers N]`: the text a target is started with. nginx and haproxy:
+    the configuration file; an idemproxy variant: its IDEMPROXY_* variables,
+    one `NAME=value` a line, shell-quoted; upstream: the upstream's nginx.conf."""
+    import argparse
+    import shlex
+
+    global WORK
+    ap = argparse.ArgumentParser(prog="loadbench.py --print-config")
+    ap.add_argument("target", choices=PROXY_TARGETS + ["upstream"])
+    ap.add_argument("port", type=int)
+    ap.add_argument("upstream_port", type=int)
+    ap.add_argument("--admin", type=int, help="idemproxy's admin port [PORT + 1]")
+    ap.add_argument("--work", default="/tmp/loadbench", help="directory of pid, log and temp files [/tmp/loadbench]")
+    ap.add_argument("--workers", type=int, default=WORKERS)
+    a = ap.parse_args(argv)
+    WORK = a.work
+    if a.target == "nginx":
+        return nginx_proxy_conf(a.port, a.upstream_port, a.workers)
+    if a.target == "haproxy":
+        return haproxy_conf(a.port, a.upstream_port, a.workers)
+    if a.target == "upstream":
+        return upstream_conf(a.port, os.path.join(WORK, "www"))
+    env = idemproxy_env(a.target, a.port, a.admin or a.port + 1, a.upstream_port, a.workers)
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()) if k.startswith("IDEMPROXY_"))
+
+
 if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    if any(a in ("-h", "--help") for a in sys.argv[1:2]):
         print(__doc__.strip())
         sys.exit(0)
-    WORK = None
+    if sys.argv[1:2] == ["--print-config"]:
+        sys.stdout.write(print_config(sys.argv[2:]))
+        sys.exit(0)
     SCRIPTS = {}
 
     def on_signal(signum, frame):

@@ -42,7 +42,9 @@ if [ ${#need[@]} -gt 0 ]; then
     [ "$made_policy" -eq 0 ] || $sudo_ rm -f /usr/sbin/policy-rc.d
 fi
 
-cargo build --release --quiet --bin idemproxy
+# IDEMPROXY_BIN names a binary built elsewhere (e.g. the build before a change);
+# otherwise this tree's release binary is built.
+[ -n "${IDEMPROXY_BIN:-}" ] || cargo build --release --quiet --bin idemproxy
 
 # The Python driver stops what it started; this trap is the safety net if it
 # is killed hard: it stops, by pid, whatever the driver recorded.

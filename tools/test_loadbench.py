@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import unittest
 from unittest import mock
@@ -256,6 +257,44 @@ class ConfigurationTest(WorkDir):
         self.assertEqual(lb.pinned(None, ["wrk", "-t1"]), ["wrk", "-t1"])
         self.assertEqual(lb.pinned("1", ["wrk", "-t1"]), ["taskset", "-c", "1", "wrk", "-t1"])
 
+    def test_workers_set_every_proxys_worker_count(self):
+        self.assertEqual(re.findall(r"^worker_processes (\d+);", lb.nginx_proxy_conf(7002, 7001, 2), re.M), ["2"])
+        self.assertIn("    nbthread 2\n", lb.haproxy_conf(7003, 7001, 2))
+        self.assertEqual(lb.idemproxy_env("idemproxy-full", 7010, 7011, 7001, 2)["IDEMPROXY_WORKERS"], "2")
+
+    def test_pinning_follows_the_workers(self):
+        # One worker: core 1 alone, the load on core 0, as before.
+        self.assertEqual(lb.proxy_cores(2, 1), ("1", "0"))
+        # As many workers as cores: the proxy may use every core, the load stays on core 0.
+        self.assertEqual(lb.proxy_cores(2, 2), ("0-1", "0"))
+        # More cores than workers: the proxy gets cores of its own.
+        self.assertEqual(lb.proxy_cores(4, 2), ("1-2", "0"))
+        self.assertEqual(lb.proxy_cores(1, 1), (None, None))
+        self.assertEqual(lb.core_list("1"), [1])
+        self.assertEqual(lb.core_list("0-2"), [0, 1, 2])
+        self.assertEqual(lb.core_list("0,3-4"), [0, 3, 4])
+        self.assertEqual(lb.cores_label("1"), "core 1")
+        self.assertEqual(lb.cores_label("0-1"), "cores 0-1")
+        self.assertEqual(lb.cores_label(None), "not pinned")
+        self.assertEqual(lb.busy(run(cores_busy_pct={"cpu0": 50.0, "cpu1": 90.0}), "0-1"), 70.0)
+        self.assertEqual(lb.busy(run(cores_busy_pct={"cpu0": 50.0, "cpu1": 90.0}), "1"), 90.0)
+
+    def test_print_config_is_what_a_run_starts(self):
+        nginx = lb.print_config(["nginx", "7002", "7001", "--work", "/w", "--workers", "2"])
+        with mock.patch.object(lb, "WORK", "/w"):
+            self.assertEqual(nginx, lb.nginx_proxy_conf(7002, 7001, 2))
+            self.assertEqual(lb.print_config(["haproxy", "7003", "7001", "--workers", "1"]), lb.haproxy_conf(7003, 7001))
+        with mock.patch.dict(os.environ, {"PATH": "/usr/bin"}, clear=True):
+            env = lb.print_config(["idemproxy-full", "7010", "7001", "--workers", "1"]).splitlines()
+        self.assertIn("IDEMPROXY_ADMIN_LISTEN=127.0.0.1:7011", env)  # PORT + 1 by default
+        self.assertIn("IDEMPROXY_SESSION_SOURCES=header:Mcp-Session-Id", env)
+        self.assertIn("IDEMPROXY_HEARTBEAT='POST /v1/sessions/{session}/heartbeat'", env)
+        self.assertFalse([line for line in env if line.startswith("PATH=")])
+        out = subprocess.run([sys.executable, os.path.join(lb.ROOT, "tools", "loadbench.py"), "--print-config", "haproxy", "7003", "7001"],
+                             capture_output=True, text=True, timeout=30, env=dict(os.environ, WORKERS="1"))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout, lb.haproxy_conf(7003, 7001))
+
 
 class SummaryTest(unittest.TestCase):
     def setUp(self):
@@ -410,6 +449,11 @@ class SummaryTest(unittest.TestCase):
         self.assertIn("| idle RSS at start | < 8 MiB | 7.0 MiB | yes |", md)
         self.assertIn("| GET p99 vs nginx | <= nginx | 3.00 ms vs 2.00 ms | **no** |", md)
         self.assertEqual(md[-1], "Reproduce: `tools/loadbench.sh` (see benches/README.md).")
+        self.assertFalse([line for line in md if line.startswith("Workers:")])  # one worker: as the README says
+        results["settings"].update(workers=2, pinning={"proxy_under_test": "cores 0-1", "wrk_upstream_idle_client": "core 0"})
+        md = lb.markdown(results).splitlines()
+        self.assertIn("Pinning: proxy under test on cores 0-1; wrk (1 thread), upstream nginx and the idle-connection client on core 0.  ", md)
+        self.assertIn("Workers: 2 per proxy (IDEMPROXY_WORKERS, nginx worker_processes, HAProxy nbthread); the upstream has 1.  ", md)
 
 
 class CommittedResultsTest(unittest.TestCase):
