@@ -10,7 +10,7 @@
 #   EXTRA_ENV="IDEMPROXY_MAX_ATTEMPTS=1" benches/instructions.sh
 #   KEEP_OUT=/tmp/get.cg TOP=100 benches/instructions.sh   # keep the profile, show more
 #   TARGETS="idemproxy idemproxy-full nginx haproxy" OUT=benches/results \
-#       benches/instructions.sh target/release/idemproxy both 4000   # ~3 minutes
+#       benches/instructions.sh target/release/idemproxy both 4000   # ~1.5 minutes
 #
 # Starts the load benchmark's upstream nginx (`return 200`) and each target
 # under `valgrind --tool=callgrind` on 127.0.0.1, one after the other, with the
