@@ -260,7 +260,7 @@ def start_target(target, s, up_port, nginx_bin, haproxy_bin):
     if target.startswith("idemproxy"):
         env = lb.idemproxy_env(target, port, lb.free_port(), up_port)
         env.update(s["extra_env"])
-        argv, env = vg + [s["binary"]], env
+        argv = vg + [s["binary"]]
     elif target == "nginx":
         conf = lb.write(os.path.join(lb.WORK, "nginx.conf"), lb.nginx_proxy_conf(port, up_port))
         argv, env = vg + [nginx_bin, "-p", lb.WORK, "-c", conf, "-e", f"{lb.WORK}/nginx-error.log", "-g", "master_process off;"], None

@@ -109,9 +109,9 @@ def parse_oha(text):
     return out
 
 
-def run_oha(oha, port, scenario, rate, body_file, name="run"):
-    argv = oha_argv(oha, port, scenario, rate, CONNS, DURATION, body_file)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION + 60)
+def run_oha(oha, port, scenario, rate, body_file, name, duration):
+    argv = oha_argv(oha, port, scenario, rate, CONNS, duration, body_file)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     if out.returncode != 0:
         raise RuntimeError(f"oha exited with {out.returncode}: {out.stderr[-2000:]}")
     lb.write(os.path.join(lb.WORK, f"oha-{name}-{scenario}-{rate}.json"), out.stdout)  # the last run's, for KEEP_WORK=1
@@ -300,12 +300,9 @@ def main():
         log(f"{name} ready on {t['port']} (pids {t['pids']})")
 
     # Warm-up: every target, every scenario, 2 s at the lowest rate.
-    global DURATION
-    measured, DURATION = DURATION, 2
     for sc in SCENARIOS:
         for name, t in targets.items():
-            run_oha(oha, t["port"], sc, min(RATES), body_file)
-    DURATION = measured
+            run_oha(oha, t["port"], sc, min(RATES), body_file, "warm-up", 2)
 
     runs = {sc: {str(rate): {n: [] for n in targets} for rate in RATES} for sc in SCENARIOS}
     t0 = time.time()
@@ -314,7 +311,7 @@ def main():
             for rate in RATES:
                 for name, t in targets.items():
                     c0 = lb.cpu_ticks(t["pids"])
-                    r = run_oha(oha, t["port"], sc, rate, body_file, name)
+                    r = run_oha(oha, t["port"], sc, rate, body_file, name, DURATION)
                     c1 = lb.cpu_ticks(t["pids"])
                     cpu_s = (c1[0] + c1[1] - c0[0] - c0[1]) / lb.CLK_TCK
                     r["round"] = rnd
