@@ -837,18 +837,18 @@ def checks(results):
     def get(sc, t, k):
         return s.get(sc, {}).get(t, {}).get(k)
 
+    # The targets of the hot-path work: one worker's throughput at least
+    # nginx's, at no more CPU a request. (Latency is judged at fixed rates,
+    # by tools/latency.sh: wrk's closed loop understates it.)
     for sc, label in [("get", "GET"), ("post", "POST 1 KiB")]:
         i, n, h = get(sc, "idemproxy", "rps"), get(sc, "nginx", "rps"), get(sc, "haproxy", "rps")
         if i and n:
-            add(f"{label} req/s vs nginx", ">= 1.30x", f"{i / n:.2f}x ({i:,.0f} vs {n:,.0f})", i >= 1.3 * n)
+            add(f"{label} req/s vs nginx", ">= 1.00x", f"{i / n:.2f}x ({i:,.0f} vs {n:,.0f})", i >= n)
         if i and h:
             add(f"{label} req/s vs HAProxy", ">= 1.00x", f"{i / h:.2f}x ({i:,.0f} vs {h:,.0f})", i >= h)
-        ip, np_ = get(sc, "idemproxy", "p99_ms"), get(sc, "nginx", "p99_ms")
-        if ip and np_:
-            add(f"{label} p99 vs nginx", "<= nginx", f"{ip:.2f} ms vs {np_:.2f} ms", ip <= np_)
         ic, nc = get(sc, "idemproxy", "cpu_s_per_100k"), get(sc, "nginx", "cpu_s_per_100k")
         if ic and nc:
-            add(f"{label} CPU per 100k req vs nginx", "<= 0.75x", f"{ic / nc:.2f}x ({ic:.2f} s vs {nc:.2f} s)", ic <= 0.75 * nc)
+            add(f"{label} CPU per 100k req vs nginx", "<= 1.00x", f"{ic / nc:.2f}x ({ic:.2f} s vs {nc:.2f} s)", ic <= nc)
     if "idemproxy" in idle_rss:
         v = idle_rss["idemproxy"] / 1024
         add("idle RSS at start", "< 8 MiB", f"{v:.1f} MiB", v < 8)
@@ -858,7 +858,7 @@ def checks(results):
         add(f"peak RSS under load ({CONNS} conns, GET/POST)", "< 24 MiB", f"{max(peaks):.1f} MiB", max(peaks) < 24)
     if "idemproxy" in idle:
         a = idle["idemproxy"]["added_kib"] / 1024
-        add(f"RSS added by {IDLE_CONNS} idle connections", "< 16 MiB", f"{a:.1f} MiB", a < 16)
+        add(f"RSS added by {IDLE_CONNS} idle connections", "<= 4 MiB", f"{a:.1f} MiB", a <= 4)
     for sc, label in [("get", "GET"), ("post", "POST 1 KiB")]:
         plain, full, dflt = get(sc, "idemproxy-plain", "rps"), get(sc, "idemproxy-full", "rps"), get(sc, "idemproxy", "rps")
         if plain and full:
