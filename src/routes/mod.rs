@@ -155,7 +155,7 @@ impl RouteTable {
             if !holds {
                 continue;
             }
-            let Some(captures) = route.path.matches(req.path()) else {
+            let Some(captures) = route.path.matches_path(req.path()) else {
                 continue;
             };
             if reads_body {

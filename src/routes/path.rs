@@ -256,6 +256,13 @@ impl PathTemplate {
             .iter()
             .position(|&b| b == b'?')
             .map_or(path, |end| &path[..end]);
+        self.matches_path(path)
+    }
+
+    /// [`PathTemplate::matches`] for a path known to hold no query (a route
+    /// table tries many templates on one request's path: the query is cut
+    /// off once, by [`super::RouteRequest`]).
+    pub(crate) fn matches_path(&self, path: &str) -> Option<Captures> {
         if !self.could_match(path) {
             return None;
         }

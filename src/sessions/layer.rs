@@ -167,9 +167,11 @@ where
         let pairs = || credential_pairs(&self.config, req.headers(), route_sources);
         // Usually the session is known and its credentials unchanged: then
         // nothing is copied (nor allocated).
-        let known = id
-            .as_deref()
-            .and_then(|id| self.tracker.same_credentials(id, pairs()));
+        // One lookup: the session's in-flight guard and its stored credentials.
+        let (known, guard) = match id.as_deref() {
+            Some(id) => self.tracker.begin_with_credentials(id, pairs()),
+            None => (None, None),
+        };
         let credentials = match known {
             Some(_) => HeaderMap::new(),
             None => copy_credentials(pairs()),
@@ -190,10 +192,6 @@ where
             query: req.uri().query().map(str::to_owned),
             lease,
         };
-        let guard = pending
-            .id
-            .as_deref()
-            .and_then(|id| self.tracker.begin_request(id));
         let tracker = self.tracker.clone();
         let config = self.config.clone();
         Either::Right(Box::pin(async move {

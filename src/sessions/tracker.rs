@@ -137,23 +137,35 @@ impl SessionTracker {
         true
     }
 
-    /// The stored credentials of session `id` if they are exactly those
-    /// `pairs` would give (the usual case: nothing changed since its last
-    /// request), to pass to [`SessionTracker::observe_with`]; allocates nothing.
-    pub(super) fn same_credentials<'a>(
+    /// [`SessionTracker::begin_request`] for a request that starts, and in
+    /// the same lookup of the table the session's stored credentials if they
+    /// are exactly those `pairs` would give (the usual case: nothing changed
+    /// since its last request), to pass to [`SessionTracker::observe_with`];
+    /// allocates nothing.
+    pub(super) fn begin_with_credentials<'a>(
         &self,
         id: &str,
         pairs: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-    ) -> Option<Credentials> {
-        let session = self.shared.sessions.get(id)?;
-        session
+    ) -> (Option<Credentials>, Option<InFlight>) {
+        let Some(mut session) = self.shared.sessions.get_mut(id) else {
+            return (None, None);
+        };
+        session.in_flight = session.in_flight.saturating_add(1);
+        session.last_activity = self.shared.settings.stamp(Instant::now());
+        let known = session
             .credentials
             .matches(pairs)
-            .then(|| session.credentials.clone())
+            .then(|| session.credentials.clone());
+        let guard = InFlight {
+            shared: Arc::clone(&self.shared),
+            key: Arc::clone(session.key()),
+            generation: session.generation,
+        };
+        (known, Some(guard))
     }
 
     /// [`SessionTracker::observe`] with the credentials given either as
-    /// headers or as ones found by [`SessionTracker::same_credentials`];
+    /// headers or as ones found by [`SessionTracker::begin_with_credentials`];
     /// `renews`: the sighting is also a renewal ([`SessionTracker::renew`]).
     pub(super) fn observe_with(
         &self,
@@ -438,7 +450,7 @@ fn parse_digest(digest: &str) -> Option<u64> {
 pub(super) enum NewCredentials<'a> {
     /// The request's headers (those not to copy are left out).
     Headers(&'a HeaderMap),
-    /// Already copied, e.g. by [`SessionTracker::same_credentials`].
+    /// Already copied, e.g. by [`SessionTracker::begin_with_credentials`].
     Known(Credentials),
 }
 
