@@ -147,21 +147,28 @@ impl SessionTracker {
         id: &str,
         pairs: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     ) -> (Option<Credentials>, Option<InFlight>) {
-        let Some(mut session) = self.shared.sessions.get_mut(id) else {
+        let Some(mut entry) = self.shared.sessions.get_mut(id) else {
             return (None, None);
         };
-        session.in_flight = session.in_flight.saturating_add(1);
-        session.last_activity = self.shared.settings.stamp(Instant::now());
+        let (key, session) = entry.pair_mut();
+        let guard = self.start_request(key, session);
         let known = session
             .credentials
             .matches(pairs)
             .then(|| session.credentials.clone());
-        let guard = InFlight {
-            shared: Arc::clone(&self.shared),
-            key: Arc::clone(session.key()),
-            generation: session.generation,
-        };
         (known, Some(guard))
+    }
+
+    /// Counts a request of `session` in flight, as activity, until the
+    /// returned guard drops.
+    fn start_request(&self, key: &Arc<str>, session: &mut Session) -> InFlight {
+        session.in_flight = session.in_flight.saturating_add(1);
+        session.last_activity = self.shared.settings.stamp(Instant::now());
+        InFlight {
+            shared: Arc::clone(&self.shared),
+            key: Arc::clone(key),
+            generation: session.generation,
+        }
     }
 
     /// [`SessionTracker::observe`] with the credentials given either as
@@ -318,14 +325,9 @@ impl SessionTracker {
     /// is never idle-expired and its heartbeats go on (a long poll survives).
     /// `None` for an unknown session.
     pub fn begin_request(&self, id: &str) -> Option<InFlight> {
-        let mut session = self.shared.sessions.get_mut(id)?;
-        session.in_flight = session.in_flight.saturating_add(1);
-        session.last_activity = self.shared.settings.stamp(Instant::now());
-        Some(InFlight {
-            shared: Arc::clone(&self.shared),
-            key: Arc::clone(session.key()),
-            generation: session.generation,
-        })
+        let mut entry = self.shared.sessions.get_mut(id)?;
+        let (key, session) = entry.pair_mut();
+        Some(self.start_request(key, session))
     }
 
     /// Stops tracking session `id` (the client ended it, or an operator did);
