@@ -378,6 +378,48 @@ async fn busy_clients_get_heartbeats_unless_their_calls_renew() {
 // Activity: in-flight requests, idle timeout
 // ---------------------------------------------------------------------------
 
+/// A client that refreshes its token mid-session: the heartbeats after its
+/// next request carry the new token, not the one it registered with.
+#[tokio::test]
+async fn heartbeats_carry_the_token_of_the_latest_request() {
+    let backend = Backend::start(|_| status(200)).await;
+    let proxy = proxy(
+        &backend,
+        &[
+            &HEARTBEAT,
+            &["--heartbeat-interval", "200ms"],
+            &["--session-sources", "header:x-session-id"],
+        ],
+    )
+    .await;
+    let first = [("authorization", "Bearer one"), ("x-session-id", "s-1")];
+    assert_eq!(call(&proxy, "GET", "/v1/things", &first).await.0, 200);
+    backend
+        .wait_until("a heartbeat", 1, |b| b.heartbeats().len())
+        .await;
+    assert_eq!(
+        backend.heartbeats()[0].header("authorization"),
+        Some("Bearer one")
+    );
+
+    let refreshed = [("authorization", "Bearer two"), ("x-session-id", "s-1")];
+    assert_eq!(call(&proxy, "GET", "/v1/things", &refreshed).await.0, 200);
+    // A heartbeat already on its way when the token changed may still
+    // carry the old one; every later one carries the new one.
+    let sent = backend.hits().len();
+    backend
+        .wait_until("three heartbeats after the refresh", sent + 3, |b| {
+            b.hits().len()
+        })
+        .await;
+    let after: Vec<_> = backend.hits().into_iter().skip(sent).collect();
+    assert!(after.iter().all(Hit::is_heartbeat), "{after:?}");
+    for hb in &after[1..] {
+        assert_eq!(hb.header("authorization"), Some("Bearer two"), "{hb:?}");
+    }
+    assert_eq!(sessions(&proxy).await.len(), 1);
+}
+
 /// A long poll (answered after 5 intervals) keeps its session past the idle
 /// timeout, and heartbeats go on during it.
 #[tokio::test]

@@ -165,9 +165,9 @@ where
                 .map(SessionSource::shared_label)
         });
         let pairs = || credential_pairs(&self.config, req.headers(), route_sources);
-        // Usually the session is known and its credentials unchanged: then
+        // One lookup gives the session's in-flight guard and, when its
+        // credentials are unchanged (the usual case), the stored ones: then
         // nothing is copied (nor allocated).
-        // One lookup: the session's in-flight guard and its stored credentials.
         let (known, guard) = match id.as_deref() {
             Some(id) => self.tracker.begin_with_credentials(id, pairs()),
             None => (None, None),
